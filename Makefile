@@ -1,0 +1,53 @@
+# Two commands on a fresh machine:  `make repro` (the whole DVC graph) and `make test` (the test suite).
+# Both create .venv and install the pinned project into it when it is missing or pyproject.toml changed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS ?= dev
+PYTEST_ARGS ?=
+
+.PHONY: venv repro test bench ui download submit lint browser clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the whole pipeline (fisheries + the course's three cases) on the configured sources.
+repro: venv
+	$(VENV)/bin/dvc repro
+
+## Headless Chromium for the MLflow UI test: Debian's package, installed when we are root and it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "note: chromium not installed; the browser test will be skipped"; }
+
+test: venv browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m bench
+
+## The MLflow UI on loopback only, against the project's tracking store.
+ui: venv
+	$(PY) -m pipeline.ui
+
+## Fetch the competition files with the official kaggle client (never part of dvc repro).
+download: venv
+	$(PY) -m pipeline.download
+
+## Upload a submission: make submit FILE=reports/submission_stg1.csv MESSAGE="..."
+submit: venv
+	$(PY) -m pipeline.upload $(FILE) --message "$(MESSAGE)"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf data/interim data/processed
