@@ -1,0 +1,127 @@
+"""The shared training core: devices, precision, feature extraction and the head's training loop.
+
+Used by the fisheries train stage and the course pipelines alike. Nothing here reads params.yaml or
+touches the file system; callers pass settings in and get arrays and models back.
+
+GPUs are used when present, without code changes: `configure_devices` picks a `tf.distribute` strategy
+(several GPUs on one machine: `MirroredStrategy`; several machines: `MultiWorkerMirroredStrategy`, set up
+through the `TF_CONFIG` environment variable) and turns on float16 compute with `mixed_precision: auto`.
+On a CPU it returns the default strategy and float32, so no code path assumes a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.models import build_head
+
+
+def configure_devices(mixed_precision: str = "auto") -> tf.distribute.Strategy:
+    """Choose the distribution strategy and precision policy for the visible devices."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        # Grow GPU memory on demand so several stages (or a notebook) can share a card.
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialised: the setting only applies before first use
+    if mixed_precision == "on" or (mixed_precision == "auto" and gpus):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    else:
+        keras.mixed_precision.set_global_policy("float32")
+    if "TF_CONFIG" in os.environ and len(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("worker", [])) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def device_summary() -> dict[str, Any]:
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "gpus": len(gpus),
+        "precision_policy": keras.mixed_precision.global_policy().name,
+        "strategy": type(tf.distribute.get_strategy()).__name__,
+    }
+
+
+def extract_features(
+    extractor: keras.Model, images: np.ndarray, batch_size: int = 32, chunk: int = 1024, progress: Any = None
+) -> np.ndarray:
+    """Run a frozen extractor over `images` (possibly a memory map) in chunks; returns float32 features.
+
+    Chunks bound the memory a memory-mapped array pulls in at once; within a chunk `predict` batches.
+    """
+    out = np.empty((len(images), extractor.output_shape[-1]), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        batch = np.asarray(images[start : start + chunk])
+        out[start : start + len(batch)] = extractor.predict(batch, batch_size=batch_size, verbose=0)
+        if progress is not None:
+            progress.update(len(batch))
+    return out
+
+
+def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Weights inversely proportional to class frequency (sklearn's 'balanced'), absent classes weight 1."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return {k: float(w) for k, w in enumerate(weights)}
+
+
+def fit_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    head_cfg: Any,
+    train_cfg: Any,
+    seed: int,
+    class_weight: dict[int, float] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    strategy: tf.distribute.Strategy | None = None,
+    verbose: int = 0,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train the dropout + batch-norm head on features; early stopping on validation log loss.
+
+    `head_cfg` needs `units`, `dropout_in`, `dropout_out`; `train_cfg` needs `epochs`, `batch_size`,
+    `learning_rate`, `patience` and `label_smoothing`. The best epoch's weights are restored, so the returned
+    head is the one whose validation log loss was lowest.
+    """
+    keras.utils.set_random_seed(seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        head = build_head(x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)
+        head.compile(
+            optimizer=keras.optimizers.Adam(train_cfg.learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+            metrics=["accuracy"],
+        )
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True, mode="min"
+    )
+    history = head.fit(
+        x_train,
+        keras.utils.to_categorical(y_train, n_classes),
+        validation_data=(x_val, keras.utils.to_categorical(y_val, n_classes)),
+        epochs=train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        class_weight=class_weight,
+        shuffle=True,
+        callbacks=[early, *callbacks],
+        verbose=verbose,
+    )
+    return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def predict_views(model: keras.Model, views: Iterable[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """Average a model's probabilities over several views (test-time augmentation) of the same rows."""
+    preds = [model.predict(v, batch_size=batch_size, verbose=0) for v in views]
+    return np.mean(preds, axis=0)
