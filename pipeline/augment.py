@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
+import keras
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -57,6 +58,33 @@ def train_policy(cfg: config.Augment) -> A.Compose:
             A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur),
         ]
     )
+
+
+class AugmentedBatches(keras.utils.PyDataset):
+    """Online augmentation for fine-tuning: shuffled batches of policy draws read from the image cache.
+
+    Reads the memory-mapped working-resolution cache, so no JPEG is decoded during training; worker threads
+    overlap augmentation with the model's step.
+    """
+
+    def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, **kwargs):
+        super().__init__(workers=workers, **kwargs)
+        self.images, self.rows, self.batch_size, self.policy = images, np.asarray(rows), batch_size, policy
+        self.targets = keras.utils.to_categorical(np.asarray(labels), n_classes)
+        self.rng = np.random.default_rng(seed)
+        self.policy.set_random_seed(seed)
+        self.order = self.rng.permutation(len(self.rows))
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, i: int):
+        pos = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        batch = np.stack([self.policy(image=np.asarray(self.images[self.rows[j]]))["image"] for j in pos])
+        return batch.astype(np.float32), self.targets[pos]
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.rows))
 
 
 def tta_view(image: np.ndarray, v: int) -> np.ndarray:

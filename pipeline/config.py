@@ -252,9 +252,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: typing.get_type_hints(Config)[f.name]
-    for f in dataclasses.fields(Config)
-    if f.name != "extra"
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "extra"
 }
 
 

@@ -12,9 +12,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 
-def assign_folds(
-    labels: np.ndarray, groups: np.ndarray | None, n_folds: int, group_by: str, seed: int
-) -> np.ndarray:
+def assign_folds(labels: np.ndarray, groups: np.ndarray | None, n_folds: int, group_by: str, seed: int) -> np.ndarray:
     """Return the validation fold (0..n_folds-1) of every row, deterministically for a given seed."""
     labels = np.asarray(labels)
     if n_folds < 2:

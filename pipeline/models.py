@@ -46,16 +46,51 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", "VGG16", "vgg16", 224, 32, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 ("block5", "block4", "block3", "block2", "block1")),
-        Backbone("resnet50", "ResNet50", "resnet50", 224, 32, "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 ("conv5", "conv4", "conv3", "conv2")),
-        Backbone("xception", "Xception", "xception", 299, 71, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                 ("block14", "block13", "block12", "block11", "block10", "block9", "block8", "block7")),
-        Backbone("efficientnetv2b0", "EfficientNetV2B0", "", 224, 32, "efficientnetv2-b0_notop.h5",
-                 ("top", "block6", "block5", "block4", "block3")),
-        Backbone("convnext_tiny", "ConvNeXtTiny", "", 224, 32, "convnext_tiny_notop.h5",
-                 ("convnext_tiny_stage_3", "convnext_tiny_stage_2", "convnext_tiny_stage_1")),
+        Backbone(
+            "vgg16",
+            "VGG16",
+            "vgg16",
+            224,
+            32,
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ("block5", "block4", "block3", "block2", "block1"),
+        ),
+        Backbone(
+            "resnet50",
+            "ResNet50",
+            "resnet50",
+            224,
+            32,
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ("conv5", "conv4", "conv3", "conv2"),
+        ),
+        Backbone(
+            "xception",
+            "Xception",
+            "xception",
+            299,
+            71,
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ("block14", "block13", "block12", "block11", "block10", "block9", "block8", "block7"),
+        ),
+        Backbone(
+            "efficientnetv2b0",
+            "EfficientNetV2B0",
+            "",
+            224,
+            32,
+            "efficientnetv2-b0_notop.h5",
+            ("top", "block6", "block5", "block4", "block3"),
+        ),
+        Backbone(
+            "convnext_tiny",
+            "ConvNeXtTiny",
+            "",
+            224,
+            32,
+            "convnext_tiny_notop.h5",
+            ("convnext_tiny_stage_3", "convnext_tiny_stage_2", "convnext_tiny_stage_1"),
+        ),
     )
 }
 
@@ -102,7 +137,7 @@ def _resolve_weights(bb: Backbone, weights: str) -> str | None:
             f"ImageNet weights for {bb.name} are not cached and could not be downloaded ({type(exc).__name__}).\n"
             f"  missing file: {cached}\n"
             f"  fix: on a machine with internet run\n"
-            f"    python -c \"import keras; keras.applications.{bb.app}(include_top=False)\"\n"
+            f'    python -c "import keras; keras.applications.{bb.app}(include_top=False)"\n'
             f"  and copy ~/.keras/models/{bb.weights_file} into {cached.parent}/ (set $KERAS_HOME to use another\n"
             f"  folder), or set model.weights: none in params.yaml to train from random initialisation."
         ) from exc

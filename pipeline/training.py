@@ -11,6 +11,7 @@ On a CPU it returns the default strategy and float32, so no code path assumes a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -28,10 +29,9 @@ def configure_devices(mixed_precision: str = "auto") -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         # Grow GPU memory on demand so several stages (or a notebook) can share a card.
-        try:
+        # (A RuntimeError means the GPU is already initialised: the setting only applies before first use.)
+        with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # already initialised: the setting only applies before first use
     if mixed_precision == "on" or (mixed_precision == "auto" and gpus):
         keras.mixed_precision.set_global_policy("mixed_float16")
     else:
