@@ -1,0 +1,25 @@
+"""Shared test set-up: no test touches the network, the repository's MLflow store or the user's Keras cache."""
+
+import os
+
+import pytest
+
+# Quiet TensorFlow's start-up chatter and keep it off any GPU a developer may have.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory):
+    """One throw-away MLflow store and Keras home for the whole session (the store's schema takes seconds)."""
+    root = tmp_path_factory.mktemp("env")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "KERAS_HOME", "DVC_EXP_NAME")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    os.environ["KERAS_HOME"] = str(root / "keras")
+    os.environ.pop("DVC_EXP_NAME", None)
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,67 @@
+"""Backbone registry and head: every backbone builds offline at a small size with the right output shape."""
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import models
+
+
+@pytest.mark.parametrize("name", sorted(models.BACKBONES))
+def test_every_backbone_builds_with_random_weights(name):
+    bb = models.get_backbone(name)
+    size = max(bb.min_size, 32)
+    extractor = models.build_extractor(name, size, weights="none")
+    feats = extractor.predict(np.random.default_rng(0).integers(0, 255, (2, size, size, 3)).astype("uint8"), verbose=0)
+    assert feats.shape[0] == 2 and feats.shape[1] == extractor.output_shape[-1] > 0
+    assert np.isfinite(feats).all()
+    assert not any(w.trainable for w in extractor.weights), "the backbone must be frozen"
+
+
+def test_unknown_backbone_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid backbones are .*resnet50.*vgg16"):
+        models.get_backbone("vgg17")
+
+
+def test_too_small_input_is_refused():
+    with pytest.raises(ValueError, match="at least 71 px"):
+        models.validate_model_settings(["xception"], 64, "none")
+
+
+def test_missing_imagenet_weights_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    bb = models.get_backbone("vgg16")
+
+    def offline(**kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(models.Backbone, "build", lambda self, **kw: offline(**kw))
+    with pytest.raises(models.WeightsUnavailable) as err:
+        models._resolve_weights(bb, "imagenet")
+    message = str(err.value)
+    assert bb.weights_file in message and str(tmp_path / "models") in message and "weights: none" in message
+
+
+def test_head_outputs_probabilities_and_has_dropout_and_batchnorm():
+    head = models.build_head(16, 8, units=8, dropout_in=0.2, dropout_out=0.5)
+    kinds = {type(layer).__name__ for layer in head.layers}
+    assert {"BatchNormalization", "Dropout", "Dense"} <= kinds
+    out = head.predict(np.random.default_rng(0).normal(size=(5, 16)), verbose=0)
+    np.testing.assert_allclose(out.sum(1), 1, atol=1e-5)
+
+
+def test_classifier_saves_and_reloads_with_its_preprocessing(tmp_path):
+    extractor = models.build_extractor("vgg16", 32, weights="none")
+    clf = models.build_classifier(extractor, models.build_head(512, 8, 8, 0.1, 0.1))
+    x = np.random.default_rng(1).integers(0, 255, (2, 32, 32, 3)).astype("float32")
+    path = tmp_path / "clf.keras"
+    clf.save(path)
+    again = keras.models.load_model(path)
+    np.testing.assert_allclose(clf.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-5)
+
+
+def test_unfreeze_top_trains_only_the_top_blocks_and_keeps_batchnorm_frozen():
+    extractor = models.build_extractor("resnet50", 32, weights="none")
+    unfrozen = models.unfreeze_top(extractor, "resnet50", 1)
+    assert unfrozen and all(name.startswith("conv5") for name in unfrozen)
+    assert not any("_bn" in name for name in unfrozen)
