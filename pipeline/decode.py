@@ -1,0 +1,165 @@
+"""Decode every image once, check it, resize it to the working resolution and sign it: in parallel.
+
+Each file is read once; its bytes give the SHA-1, OpenCV decodes them (`IMREAD_UNCHANGED`, so grey-scale and
+alpha are seen for what they are and converted to RGB here, not silently by the decoder), and the decoded
+frame gives both the resized copy and the boat signature. A file that cannot be used is not an exception:
+it comes back with the reason (empty, unreadable, not an image, truncated, corrupt) for the quarantine list.
+Work is spread over `ingest.workers` processes; the parent only writes the results into a memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.groups import signature
+
+# Leading bytes of the formats OpenCV decodes that a camera or a user might plausibly produce.
+MAGIC = {
+    b"\xff\xd8\xff": "jpeg",
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+    b"RIFF": "webp",
+}
+
+
+@dataclass
+class Decoded:
+    """One file's outcome: the resized RGB frame and its signature, or the reason it was quarantined."""
+
+    index: int
+    reason: str | None = None
+    image: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    sha1: str = ""
+    converted: str = ""  # "grey", "alpha", "16bit": what had to be changed to get 8-bit RGB
+    sig: dict | None = None
+
+
+def sniff(data: bytes) -> str | None:
+    return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
+
+
+def truncation(data: bytes, kind: str | None) -> str | None:
+    """Why the bytes look cut short, or None. libjpeg happily returns a half-grey frame for a cut JPEG,
+    so the end marker is checked here (within the last KiB: some cameras append a short trailer)."""
+    if kind == "jpeg" and b"\xff\xd9" not in data[-1024:]:
+        return "truncated JPEG: no end-of-image marker"
+    if kind == "png" and b"IEND" not in data[-64:]:
+        return "truncated PNG: no IEND chunk"
+    return None
+
+
+def to_rgb(img: np.ndarray) -> tuple[np.ndarray | None, str, str | None]:
+    """8-bit, 3-channel RGB from whatever OpenCV decoded; returns (rgb, what was converted, error)."""
+    notes = []
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+        notes.append("16bit")
+    elif img.dtype != np.uint8:
+        return None, "", f"unsupported pixel type {img.dtype}"
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), "+".join([*notes, "grey"]), None
+    if img.ndim == 3 and img.shape[2] == 4:
+        # The fixed cameras never produce transparency; an alpha channel is dropped, not blended.
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB), "+".join([*notes, "alpha"]), None
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), "+".join(notes), None
+    return None, "", f"unsupported layout {img.shape}"
+
+
+def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str, str | None]:
+    """Decode file bytes to RGB uint8; returns (rgb, conversion note, quarantine reason)."""
+    if not data:
+        return None, "", "empty file (0 bytes)"
+    kind = sniff(data)
+    cut = truncation(data, kind)
+    if cut:
+        return None, "", cut
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        img, err = None, str(exc).strip().splitlines()[-1]
+    else:
+        err = "OpenCV could not decode it"
+    if img is None or img.size == 0:
+        if kind is None:
+            return None, "", f"not an image: content starts with {data[:12]!r}"
+        return None, "", f"corrupt {kind}: {err}"
+    return to_rgb(img)
+
+
+def fit_square(rgb: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize to size x size: `pad` keeps the whole frame and pads with black, `crop` keeps the centre
+    square, `stretch` ignores the aspect ratio."""
+    h, w = rgb.shape[:2]
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        rgb = rgb[top : top + side, left : left + side]
+        h = w = side
+    if mode in ("crop", "stretch"):
+        interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
+        return cv2.resize(rgb, (size, size), interpolation=interp)
+    if mode != "pad":
+        raise ValueError(f"unknown resize mode {mode!r}; use pad, crop or stretch")
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(rgb, (nw, nh), interpolation=interp)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = small
+    return out
+
+
+def decode_file(index: int, path: str | Path, size: int, mode: str, hash_size: int) -> Decoded:
+    """Read, check, decode, convert, resize and sign one file; never raises for a bad file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return Decoded(index, reason=f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
+    rgb, converted, reason = decode_bytes(data)
+    if reason:
+        return Decoded(index, reason=reason, sha1=hashlib.sha1(data).hexdigest())
+    h, w = rgb.shape[:2]
+    return Decoded(
+        index,
+        image=fit_square(rgb, size, mode),
+        width=w,
+        height=h,
+        sha1=hashlib.sha1(data).hexdigest(),
+        converted=converted,
+        sig=signature(rgb, hash_size),
+    )
+
+
+def _job(args: tuple) -> Decoded:
+    return decode_file(*args)
+
+
+def _quiet_worker() -> None:
+    # Each process decodes one image at a time; OpenCV's own thread pool would only oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+def decode_all(paths: Iterable[str | Path], size: int, mode: str, hash_size: int, workers: int) -> Iterator[Decoded]:
+    """Decode every path, in order, with `workers` processes (1: in this process)."""
+    tasks = [(i, str(p), size, mode, hash_size) for i, p in enumerate(paths)]
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(_job, tasks)
+        return
+    # fork: workers start in milliseconds and inherit the imported cv2 (this stage never loads TensorFlow).
+    method = "fork" if "fork" in mp.get_all_start_methods() else None
+    with mp.get_context(method).Pool(workers, initializer=_quiet_worker) as pool:
+        yield from pool.imap(_job, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))

@@ -1,0 +1,211 @@
+"""Ingest stage: the download (demo or Kaggle, archives or folders) in; checked images, manifest, groups out.
+
+Reads `data`, `ingest`, `model.image_size` and `paths` from params.yaml. Finds the inputs (unpacking the
+Kaggle archives safely under `${paths.interim}/extracted/`), checks the class folders and the sample
+submissions before decoding anything, decodes every file once in parallel (bad files go to a quarantine list
+with their reason, the run goes on), writes the resized images into a memory-mapped `.npy` so real-size data
+never has to fit in memory, clusters the frames into boat groups, looks for exact and near duplicates, and
+writes the manifest, the normalised sample submissions, the solution and `reports/ingest_report.json`.
+Every output is written to a temporary name and renamed into place. See docs/ARCHITECTURE.md for formats.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import config, groups
+from pipeline.config import FISH_CLASSES
+from pipeline.decode import decode_all
+from pipeline.io import atomic_path, save_figure, write_csv, write_json
+from pipeline.sources import (
+    IngestError,
+    Sources,
+    list_candidates,
+    load_samples,
+    locate_demo,
+    locate_kaggle,
+    read_solution,
+)
+
+MANIFEST_COLUMNS = ["id", "split", "path", "label", "width", "height", "group", "sha1", "true_boat"]
+
+
+def _rel(path: Path, root: Path) -> str:
+    """Paths in the manifest and report are relative to the repository when they lie inside it."""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def locate(data: config.Data, ingest: config.Ingest, paths: config.Paths, root: Path) -> Sources:
+    if data.source == "demo":
+        return locate_demo(root / data.demo_dir)
+    return locate_kaggle(root / data.kaggle_dir, root / paths.interim / "extracted",
+                         ingest.max_archive_bytes, ingest.max_archive_entries)
+
+
+def decode_into(cands, images_path: Path, size: int, ingest: config.Ingest):
+    """Decode every candidate into a memory map of valid frames, in candidate order.
+
+    Returns the valid results (without pixels) and the quarantined ones. Frames are written as they arrive,
+    so memory holds one chunk of results, not the data set.
+    """
+    tmp = images_path.with_name(f".{images_path.name}.decoding.npy")
+    images_path.parent.mkdir(parents=True, exist_ok=True)
+    buf = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(cands), size, size, 3))
+    valid, bad = [], []
+    try:
+        stream = decode_all([c.path for c in cands], size, ingest.resize, ingest.group_hash_size,
+                            ingest.workers)
+        for res in tqdm(stream, total=len(cands), desc="decode", unit="img", mininterval=1.0):
+            if res.reason:
+                bad.append(res)
+                continue
+            buf[len(valid)] = res.image
+            res.image = None
+            valid.append(res)
+        buf.flush()
+        # Quarantined files leave the tail unused: copy the valid rows into a file of the right shape.
+        with atomic_path(images_path) as out:
+            if len(valid) == len(cands):
+                del buf
+                os.replace(tmp, out)
+            else:
+                final = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
+                                                  shape=(len(valid), size, size, 3))
+                for start in range(0, len(valid), 1024):
+                    final[start : start + 1024] = buf[start : start + 1024]
+                final.flush()
+                del final, buf
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return valid, bad
+
+
+def build_manifest(cands, valid, root: Path, true_boats: dict[str, str]) -> pd.DataFrame:
+    rows = []
+    for res in valid:
+        c = cands[res.index]
+        rows.append({"id": c.id, "split": c.split, "path": _rel(c.path, root), "label": c.label,
+                     "width": res.width, "height": res.height, "group": -1, "sha1": res.sha1,
+                     "true_boat": true_boats.get(c.id, "")})
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def check_decoded(manifest: pd.DataFrame, sources: Sources) -> None:
+    """After quarantine: every class still has training images and every test set has images."""
+    counts = Counter(manifest.loc[manifest.split == "train", "label"])
+    empty = [c for c in FISH_CLASSES if counts[c] == 0]
+    if empty:
+        raise IngestError(f"no valid training image left for class(es) {empty} in {sources.dirs['train']}; "
+                          "see the quarantine list in reports/ingest_report.json")
+    for split in ("test_stg1", "test_stg2"):
+        if not (manifest.split == split).any():
+            raise IngestError(f"no valid image in the test set {sources.dirs[split]}; see the quarantine list "
+                              "in reports/ingest_report.json")
+
+
+def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_size: int,
+        root: Path | str = ".") -> dict:
+    """The whole stage on the repository (or test folder) `root`; returns the report it wrote."""
+    root = Path(root)
+    t0 = time.perf_counter()
+    report_path = root / paths.reports / "ingest_report.json"
+    sources = locate(data, ingest, paths, root)
+    t_extract = time.perf_counter() - t0
+    cands, quarantine, ignored = list_candidates(sources.dirs)
+    samples = load_samples(sources, cands)
+    solution = read_solution(sources.solution)
+    true_boats: dict[str, str] = {}
+    if sources.boats is not None:
+        boats = pd.read_csv(sources.boats, dtype=str)
+        true_boats = dict(zip(boats["image"], boats["boat"], strict=True))
+
+    t1 = time.perf_counter()
+    valid, bad = decode_into(cands, root / paths.images, image_size, ingest)
+    t_decode = time.perf_counter() - t1
+    quarantine += [{"id": cands[r.index].id, "path": _rel(cands[r.index].path, root),
+                    "split": cands[r.index].split, "reason": r.reason} for r in bad]
+    manifest = build_manifest(cands, valid, root, true_boats)
+
+    report = {
+        "source": data.source,
+        "inputs": {k: _rel(Path(v), root) for k, v in sources.origin.items()},
+        "image_size": image_size,
+        "resize": ingest.resize,
+        "counts": {s: int((manifest.split == s).sum()) for s in ("train", "test_stg1", "test_stg2")},
+        "classes": {c: int(((manifest.split == "train") & (manifest.label == c)).sum()) for c in FISH_CLASSES},
+        "quarantined": len(quarantine),
+        "quarantine": quarantine,
+        "converted": dict(Counter(r.converted for r in valid if r.converted)),
+        "original_sizes": {f"{w}x{h}": n for (w, h), n in
+                           Counter(zip(manifest.width, manifest.height, strict=True)).most_common()},
+        "archives": [{"archive": _rel(Path(e.archive), root), "files": e.files, "bytes": e.bytes}
+                     for e in sources.extractions],
+        "refused_entries": [r for e in sources.extractions for r in e.refused],
+        "ignored": {"count": len(ignored) + sum(len(e.ignored) for e in sources.extractions),
+                    "examples": (ignored + [i for e in sources.extractions for i in e.ignored])[:20]},
+    }
+    try:
+        check_decoded(manifest, sources)
+    except IngestError:
+        write_json(report_path, report)  # the quarantine list is what the user needs to read next
+        raise
+
+    t2 = time.perf_counter()
+    sig = {k: np.stack([r.sig[k] for r in valid]) for k in ("layout", "dhash", "ahash")}
+    manifest["group"] = groups.assign_groups(manifest.width.to_numpy(), manifest.height.to_numpy(),
+                                             sig["layout"], ingest.group_threshold)
+    report["groups"] = groups.summarise_groups(manifest.group.to_numpy(), manifest.split.to_numpy(),
+                                               manifest.width.to_numpy(), manifest.height.to_numpy())
+    report["duplicates"] = groups.duplicates(manifest.id.to_numpy(), manifest.split.to_numpy(),
+                                             manifest.label.to_numpy(), manifest.sha1.to_numpy(),
+                                             sig["dhash"], sig["ahash"], ingest.near_duplicate_bits)
+    known = manifest.true_boat != ""
+    report["ari_vs_true_boats"] = (
+        groups.agreement(manifest.group[known], manifest.true_boat[known]) if known.all() and len(manifest)
+        else None
+    )
+    t_groups = time.perf_counter() - t2
+
+    write_csv(root / paths.manifest, manifest)
+    write_csv(root / paths.sample_stg1, samples["stg1"])
+    write_csv(root / paths.sample_stg2, samples["stg2"])
+    write_csv(root / paths.solution, solution)
+    images = np.load(root / paths.images, mmap_mode="r")
+    fig = groups.plot_groups(images, manifest.group.to_numpy(), manifest.width.to_numpy(),
+                             manifest.height.to_numpy())
+    save_figure(fig, root / paths.figures / "groups.png")
+    report["seconds"] = {"extract": round(t_extract, 2), "decode": round(t_decode, 2),
+                         "groups": round(t_groups, 2), "total": round(time.perf_counter() - t0, 2)}
+    report["images_per_second"] = round(len(cands) / max(t_decode, 1e-9), 1)
+    write_json(report_path, report)
+    return report
+
+
+def main() -> None:
+    raw = config.read_params()
+    try:
+        report = run(config.load_section("paths", raw), config.load_section("data", raw),
+                     config.load_section("ingest", raw), config.load_section("model", raw).image_size)
+    except IngestError as exc:
+        sys.exit(f"ingest: {exc}")
+    g, ari = report["groups"], report["ari_vs_true_boats"]
+    print(f"ingest: {report['counts']} images, {report['quarantined']} quarantined, "
+          f"{len(report['refused_entries'])} archive entries refused, {g['n_groups']} boat groups"
+          + (f", ARI vs true boats {ari:.3f}" if ari is not None else "")
+          + f", {report['seconds']['total']} s ({report['images_per_second']} img/s decoding)")
+
+
+if __name__ == "__main__":
+    main()
