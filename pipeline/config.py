@@ -157,6 +157,7 @@ class Ensemble:
     temperature: bool
     clip: bool
     prior: str
+    stacking_c: float
 
 
 @dataclass(frozen=True)
