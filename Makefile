@@ -40,6 +40,8 @@ ui: venv
 
 ## Fetch the competition files with the official kaggle client (never part of dvc repro).
 download: venv
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('kaggle') is None)" \
+	  || $(PY) -m pip install --quiet -e '.[kaggle]'
 	$(PY) -m pipeline.download
 
 ## Upload a submission: make submit FILE=reports/submission_stg1.csv MESSAGE="..."

@@ -2,8 +2,12 @@
 
 Each file is read once; its bytes give the SHA-1, OpenCV decodes them (`IMREAD_UNCHANGED`, so grey-scale and
 alpha are seen for what they are and converted to RGB here, not silently by the decoder), and the decoded
-frame gives both the resized copy and the boat signature. A file that cannot be used is not an exception:
-it comes back with the reason (empty, unreadable, not an image, truncated, corrupt) for the quarantine list.
+frame gives both the resized copy and the boat signature. A JPEG much larger than the working size (the real
+frames are 1280 px wide, the cache 96-299 px) is decoded at 1/2, 1/4 or 1/8 scale instead: libjpeg scales in
+the DCT, which is several times faster than a full decode plus a resize, and still reads the whole stream.
+Its true size and channel count come from the JPEG header, so grey JPEGs are still seen (JPEG has no alpha).
+A file that cannot be used is not an exception: it comes back with the reason (empty, unreadable, not an
+image, truncated, corrupt) for the quarantine list.
 Work is spread over `ingest.workers` processes; the parent only writes the results into a memory map.
 """
 
@@ -18,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.groups import signature
+from pipeline.groups import WORK_WIDTH, signature
 
 # Leading bytes of the formats OpenCV decodes that a camera or a user might plausibly produce.
 MAGIC = {
@@ -49,6 +53,41 @@ def sniff(data: bytes) -> str | None:
     return next((kind for magic, kind in MAGIC.items() if data.startswith(magic)), None)
 
 
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, channels) from a JPEG's start-of-frame segment, or None when there is none."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 10 <= len(data):
+            h = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            w = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return w, h, data[pos + 9]
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return None
+        pos += 2 + length
+    return None
+
+
+def reduction(width: int, height: int, size: int, mode: str, min_width: int = WORK_WIDTH) -> int:
+    """The largest JPEG scale-down (1, 2, 4, 8) that still leaves enough pixels for the cache and the
+    signature: the side that `fit_square` scales to `size` (the long one for pad, the short one otherwise)
+    and a width of at least `min_width` for the layout signature."""
+    side = max(width, height) if mode == "pad" else min(width, height)
+    for k in (8, 4, 2):
+        if side // k >= size and width // k >= min_width:
+            return k
+    return 1
+
+
 def truncation(data: bytes, kind: str | None) -> str | None:
     """Why the bytes look cut short, or None. libjpeg happily returns a half-grey frame for a cut JPEG,
     so the end marker is checked here (within the last KiB: some cameras append a short trailer)."""
@@ -77,25 +116,43 @@ def to_rgb(img: np.ndarray) -> tuple[np.ndarray | None, str, str | None]:
     return None, "", f"unsupported layout {img.shape}"
 
 
-def decode_bytes(data: bytes) -> tuple[np.ndarray | None, str, str | None]:
-    """Decode file bytes to RGB uint8; returns (rgb, conversion note, quarantine reason)."""
+REDUCED = {
+    (2, 3): cv2.IMREAD_REDUCED_COLOR_2, (4, 3): cv2.IMREAD_REDUCED_COLOR_4, (8, 3): cv2.IMREAD_REDUCED_COLOR_8,
+    (2, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2, (4, 1): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, 1): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def decode_bytes(data: bytes, size: int = 0, mode: str = "pad") -> tuple[np.ndarray | None, str, str | None, tuple]:
+    """Decode file bytes to RGB uint8, at reduced scale for a large JPEG when `size` is given.
+
+    Returns (rgb, conversion note, quarantine reason, (original width, original height)).
+    """
     if not data:
-        return None, "", "empty file (0 bytes)"
+        return None, "", "empty file (0 bytes)", (0, 0)
     kind = sniff(data)
     cut = truncation(data, kind)
     if cut:
-        return None, "", cut
+        return None, "", cut, (0, 0)
+    flags, header = cv2.IMREAD_UNCHANGED, jpeg_header(data) if kind == "jpeg" else None
+    if header and size:
+        k = reduction(header[0], header[1], size, mode)
+        # IGNORE_ORIENTATION: the same pixels IMREAD_UNCHANGED gives (fixed cameras, no EXIF rotation).
+        flags = REDUCED.get((k, 1 if header[2] == 1 else 3), flags)
+        flags = flags | cv2.IMREAD_IGNORE_ORIENTATION if flags != cv2.IMREAD_UNCHANGED else flags
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
         img, err = None, str(exc).strip().splitlines()[-1]
     else:
         err = "OpenCV could not decode it"
     if img is None or img.size == 0:
         if kind is None:
-            return None, "", f"not an image: content starts with {data[:12]!r}"
-        return None, "", f"corrupt {kind}: {err}"
-    return to_rgb(img)
+            return None, "", f"not an image: content starts with {data[:12]!r}", (0, 0)
+        return None, "", f"corrupt {kind}: {err}", (0, 0)
+    rgb, note, reason = to_rgb(img)
+    original = (header[0], header[1]) if header else (img.shape[1], img.shape[0])
+    return rgb, note, reason, original
 
 
 def fit_square(rgb: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -129,10 +186,9 @@ def decode_file(index: int, path: str | Path, size: int, mode: str, hash_size: i
             data = fh.read()
     except OSError as exc:
         return Decoded(index, reason=f"unreadable: {type(exc).__name__}: {exc.strerror or exc}")
-    rgb, converted, reason = decode_bytes(data)
+    rgb, converted, reason, (w, h) = decode_bytes(data, size, mode)
     if reason:
         return Decoded(index, reason=reason, sha1=hashlib.sha1(data).hexdigest())
-    h, w = rgb.shape[:2]
     return Decoded(
         index,
         image=fit_square(rgb, size, mode),

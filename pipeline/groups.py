@@ -45,10 +45,9 @@ def ahash(grey: np.ndarray, hash_size: int) -> np.ndarray:
     return _bits(small > small.mean())
 
 
-def layout(grey: np.ndarray) -> np.ndarray:
-    """Unit-norm, zero-mean LAYOUT x LAYOUT map of edge strength: where the deck's lines are."""
-    h, w = grey.shape
-    small = cv2.resize(grey, (WORK_WIDTH, max(1, round(h * WORK_WIDTH / w))), interpolation=cv2.INTER_AREA)
+def layout(small: np.ndarray) -> np.ndarray:
+    """Unit-norm, zero-mean LAYOUT x LAYOUT map of edge strength (where the deck's lines are), from a grey
+    frame WORK_WIDTH pixels wide."""
     small = cv2.equalizeHist(small).astype(np.float32)  # night vision: dim and flat, same lines
     mag = cv2.magnitude(cv2.Sobel(small, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(small, cv2.CV_32F, 0, 1, ksize=3))
     vec = cv2.resize(mag, (LAYOUT, LAYOUT), interpolation=cv2.INTER_AREA).reshape(-1)
@@ -58,7 +57,10 @@ def layout(grey: np.ndarray) -> np.ndarray:
 
 def signature(rgb: np.ndarray, hash_size: int) -> dict[str, np.ndarray]:
     """Everything grouping and duplicate search need from one decoded RGB frame, a few hundred bytes."""
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    h, w = rgb.shape[:2]
+    # Shrink first: every signature is coarser than WORK_WIDTH, and a full-size grey copy would cost more.
+    small = cv2.resize(rgb, (WORK_WIDTH, max(1, round(h * WORK_WIDTH / w))), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     return {"layout": layout(grey), "dhash": dhash(grey, hash_size), "ahash": ahash(grey, hash_size)}
 
 
