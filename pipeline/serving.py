@@ -165,6 +165,10 @@ def as_images(model_input: Any) -> tuple[list[np.ndarray], Any]:
 class EnsembleModel(PythonModel):
     """Raw images → ensemble probabilities; see the module docstring for the accepted inputs."""
 
+    # Inputs are paths, bytes or arrays by design, so there is no schema: tell MLflow not to derive one from
+    # `predict`'s type hints (it would warn on every import that there are none).
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         import keras
 
@@ -176,7 +180,6 @@ class EnsembleModel(PythonModel):
             self.extractors.append(load_extractor(entry, folder))
             self.heads.append([keras.saving.load_model(folder / h, compile=False) for h in entry["heads"]])
 
-    # No type hints on `model_input`: MLflow would turn them into a schema, and inputs vary by design.
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
