@@ -110,18 +110,30 @@ def confusion_figure(matrices: Mapping[str, np.ndarray], labels: Sequence[str], 
     for ax, (name, cm) in zip(axes[0], matrices.items(), strict=True):
         ax.imshow(cm, cmap="Blues")
         for (i, j), count in np.ndenumerate(cm):
-            ax.text(j, i, int(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > cm.max() / 2 else "black",
+            )
         ticks = range(len(labels))
-        ax.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels,
-               xlabel="predicted", ylabel="true", title=name)
+        ax.set(
+            xticks=ticks,
+            yticks=ticks,
+            xticklabels=labels,
+            yticklabels=labels,
+            xlabel="predicted",
+            ylabel="true",
+            title=name,
+        )
     fig.suptitle(title)
     return fig
 
 
-def report(
-    metrics: Mapping[str, Any], figures: Mapping[str, Any], reports_dir: str | Path
-) -> list[Path]:
+def report(metrics: Mapping[str, Any], figures: Mapping[str, Any], reports_dir: str | Path) -> list[Path]:
     """Write `metrics.json` and each figure into `reports_dir`, then attach them to the active MLflow run."""
     reports_dir = Path(reports_dir)
     io.write_json(reports_dir / "metrics.json", dict(metrics))

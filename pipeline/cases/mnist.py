@@ -160,8 +160,12 @@ def train_and_evaluate(model, data: dict[str, np.ndarray], cfg: MnistParams, see
         metrics=["accuracy"],
     )
     history = model.fit(
-        data["x_train"], data["y_train"], epochs=cfg.epochs, batch_size=cfg.batch_size,
-        callbacks=list(callbacks), verbose=2,
+        data["x_train"],
+        data["y_train"],
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        callbacks=list(callbacks),
+        verbose=2,
     )
     proba = model.predict(data["x_test"], batch_size=256, verbose=0)
     return {
@@ -176,7 +180,9 @@ def summarise(results: dict[str, dict], data: dict[str, np.ndarray], source: str
     """The metrics JSON (confusion matrices left out) and one confusion-matrix panel per model."""
     confusions = {f"{n} (accuracy {r['test_accuracy']:.3f})": r["confusion"] for n, r in results.items()}
     summary = {
-        "source": source, "n_train": len(data["y_train"]), "n_test": len(data["y_test"]),
+        "source": source,
+        "n_train": len(data["y_train"]),
+        "n_test": len(data["y_test"]),
         **{name: {k: v for k, v in r.items() if k != "confusion"} for name, r in results.items()},
         "cnn_beats_mlp": results["cnn"]["test_accuracy"] > results["mlp"]["test_accuracy"],
     }
@@ -197,8 +203,10 @@ def main(params_file: str = "params.yaml") -> dict:
         }
         summary, figure = summarise(results, data, cfg.source)
         common.report(summary, {"confusion_matrix.png": figure}, cfg.reports)
-    print(f"mnist ({cfg.source}) test accuracy: MLP {summary['mlp']['test_accuracy']:.4f}, "
-          f"CNN {summary['cnn']['test_accuracy']:.4f}")
+    print(
+        f"mnist ({cfg.source}) test accuracy: MLP {summary['mlp']['test_accuracy']:.4f}, "
+        f"CNN {summary['cnn']['test_accuracy']:.4f}"
+    )
     return summary
 
 
