@@ -83,7 +83,8 @@ def decode_into(cands, images_path: Path, size: int, ingest: config.Ingest):
                 final = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
                                                   shape=(len(valid), size, size, 3))
                 for start in range(0, len(valid), 1024):
-                    final[start : start + 1024] = buf[start : start + 1024]
+                    stop = min(start + 1024, len(valid))
+                    final[start:stop] = buf[start:stop]
                 final.flush()
                 del final, buf
     finally:

@@ -1,0 +1,487 @@
+"""The ingest stage on a tiny Kaggle-style download: real zip and 7z archives with Kaggle's names, planted
+bad files and hostile entries; plus the demo source, the stop conditions, decoding and resizing, and the
+download helper's instructions (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import py7zr
+import pytest
+import yaml
+
+from pipeline import config, download, ingest
+from pipeline.config import FISH_CLASSES
+from pipeline.decode import decode_all, decode_bytes, fit_square, jpeg_header, reduction
+from pipeline.sources import IngestError
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+SHUFFLED = ["image", "YFT", "ALB", "SHARK", "BET", "OTHER", "DOL", "NoF", "LAG"]  # normalised on the way in
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def boat_frame(boat: int, seed: int, w: int, h: int, night: bool = False) -> np.ndarray:
+    """A frame of a planted boat: a fixed deck layout, camera jitter, a fish, noise (BGR for cv2)."""
+    rng = np.random.default_rng(1000 + boat)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = rng.integers(140, 220, 3)
+    for _ in range(4):
+        p = rng.integers(0, [w, h, w, h])
+        cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), rng.integers(0, 70, 3).tolist(), 3)
+    for _ in range(2):
+        x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        cv2.rectangle(img, (x, y), (x + 25, y + 18), rng.integers(0, 90, 3).tolist(), -1)
+    rng = np.random.default_rng(seed)
+    img = np.roll(img, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
+    cv2.ellipse(img, (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))), (18, 6),
+                float(rng.uniform(0, 180)), 0, 360, rng.integers(0, 255, 3).tolist(), -1)
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
+    if night:
+        g = 0.55 * img.mean(axis=2) + 40
+        img = np.stack([0.45 * g, g, 0.35 * g], axis=-1)
+    return img.astype(np.uint8)
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def png(img: np.ndarray) -> bytes:
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+@dataclasses.dataclass
+class Download:
+    """What the fixture planted, so tests can check the outcome against it."""
+
+    kaggle_dir: Path
+    train: dict[str, bytes]  # archive-relative name -> bytes, valid images
+    bad: dict[str, str]  # manifest-like id -> expected reason fragment
+    stg1: dict[str, bytes]
+    stg2: dict[str, bytes]
+    evil_names: list[str]
+
+
+def _sample(ids: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"image": ids})
+    for c in SHUFFLED[1:]:
+        frame[c] = 0.125
+    return frame[SHUFFLED]
+
+
+def _write_zip(path: Path, files: dict[str, bytes], links: dict[str, str] | None = None) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+        for name, target in (links or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+
+
+def _write_7z(path: Path, scratch: Path, files: dict[str, bytes], links: dict[str, str]) -> None:
+    scratch.mkdir(parents=True, exist_ok=True)
+    with py7zr.SevenZipFile(path, "w") as sz:
+        for i, (name, data) in enumerate(files.items()):
+            (scratch / f"f{i}").write_bytes(data)
+            sz.write(scratch / f"f{i}", name)
+        for i, (name, target) in enumerate(links.items()):
+            os.symlink(target, scratch / f"l{i}")
+            sz.write(scratch / f"l{i}", name)
+
+
+def _write_folder(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def make_download(root: Path, form: str = "archives") -> Download:
+    """A Kaggle-style download in root/data/raw/kaggle: `archives` (as Kaggle ships it) or `folders`."""
+    kdir = root / "data/raw/kaggle"
+    kdir.mkdir(parents=True)
+    train: dict[str, bytes] = {}
+    n = 0
+    for k, cls in enumerate(FISH_CLASSES):
+        for j in range(2):
+            n += 1
+            boat, (w, h) = (k + j) % 3, ((160, 96) if (k + j) % 3 < 2 else (160, 120))
+            train[f"train/{cls}/img_{n:05d}.jpg"] = jpeg(boat_frame(boat, n, w, h, night=n % 5 == 0))
+    grey = cv2.cvtColor(boat_frame(0, 99, 160, 96), cv2.COLOR_BGR2GRAY)
+    train["train/DOL/img_00100.jpg"] = jpeg(grey)
+    rgba = cv2.cvtColor(boat_frame(1, 98, 160, 96), cv2.COLOR_BGR2BGRA)
+    rgba[..., 3] = 128
+    train["train/LAG/img_00101.png"] = png(rgba)
+    good = jpeg(boat_frame(2, 97, 160, 120))
+    bad_files = {
+        "train/ALB/img_00200.jpg": (b"", "empty file"),
+        "train/BET/img_00201.jpg": (good[: len(good) // 2], "truncated JPEG"),
+        "train/YFT/img_00202.jpg": (b"this is a text file, not a photo\n", "not an image"),
+        "train/OTHER/img_00203.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(3000) + b"\xff\xd9", "corrupt jpeg"),
+    }
+    stg1 = {f"test_stg1/img_{300 + i:05d}.jpg": jpeg(boat_frame(i % 3, 300 + i, 160, 96 if i % 3 < 2 else 120))
+            for i in range(4)}
+    stg1["test_stg1/img_00304.jpg"] = train["train/ALB/img_00001.jpg"]  # an exact duplicate of a train frame
+    stg2 = {f"test_stg2/image_{i:05d}.jpg": jpeg(boat_frame(3, 400 + i, 200, 120)) for i in range(1, 5)}
+    bad_stg2 = {"test_stg2/image_00005.jpg": (b"", "empty file")}
+    absolute = str(root.parent / f"abs_evil_{uuid.uuid4().hex}.jpg")
+    junk = {"__MACOSX/train/ALB/._img_00001.jpg": b"\x00\x05\x16\x07"}
+    all_train = {**train, **{k: v for k, (v, _) in bad_files.items()}}
+    all_stg2 = {**stg2, **{k: v for k, (v, _) in bad_stg2.items()}}
+    if form == "archives":
+        _write_zip(kdir / "train.zip", {**all_train, **junk, "../evil.jpg": b"evil", absolute: b"evil"},
+                   links={"train/ALB/img_00900.jpg": "/etc/passwd"})
+        _write_zip(kdir / "test_stg1.zip", stg1)
+        _write_7z(kdir / "test_stg2.7z", root / "scratch", {**all_stg2, "../evil7z.jpg": b"evil"},
+                  links={"test_stg2/image_00900.jpg": "/etc/passwd"})
+    else:
+        _write_folder(kdir, {**all_train, **stg1, **all_stg2})
+    ids1 = [Path(k).name for k in stg1]
+    ids2 = ids1 + list(all_stg2)
+    s1, s2 = _sample(ids1), _sample(ids2)
+    if form == "archives":
+        with zipfile.ZipFile(kdir / "sample_submission_stg1.csv.zip", "w") as zf:
+            zf.writestr("sample_submission_stg1.csv", s1.to_csv(index=False))
+    else:
+        s1.to_csv(kdir / "sample_submission_stg1.csv", index=False)
+    s2.to_csv(kdir / "sample_submission_stg2.csv", index=False)
+    bad = {Path(k).name: r for k, (_, r) in bad_files.items()} | {k: r for k, (_, r) in bad_stg2.items()}
+    return Download(kdir, train, bad, stg1, stg2, ["evil.jpg", "evil7z.jpg", Path(absolute).name])
+
+
+def sections(source: str = "kaggle", workers: int = 2, **ingest_overrides):
+    raw = config.read_params(REPO / "params.yaml")
+    paths = config.load_section("paths", raw)
+    data = dataclasses.replace(config.load_section("data", raw), source=source)
+    ing = dataclasses.replace(config.load_section("ingest", raw), workers=workers, **ingest_overrides)
+    return paths, data, ing, SIZE
+
+
+def listing(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def test_kaggle_archives_end_to_end(tmp_path):
+    dl = make_download(tmp_path)
+    before = listing(dl.kaggle_dir)
+    paths, data, ing, size = sections()
+    report = ingest.run(paths, data, ing, size, root=tmp_path)
+
+    manifest = pd.read_csv(tmp_path / paths.manifest, dtype={"label": str, "true_boat": str}, keep_default_na=False)
+    assert list(manifest.columns) == ingest.MANIFEST_COLUMNS
+    expected_train = {Path(k).name: k.split("/")[1] for k in dl.train}
+    train = manifest[manifest.split == "train"]
+    assert dict(zip(train.id, train.label, strict=True)) == expected_train  # every valid image, right class
+    assert set(manifest[manifest.split == "test_stg1"].id) == {Path(k).name for k in dl.stg1}
+    assert set(manifest[manifest.split == "test_stg2"].id) == set(dl.stg2)  # prefixed test_stg2/<name>
+    assert (manifest[manifest.split != "train"].label == "").all() and (manifest.true_boat == "").all()
+    assert manifest.id.is_unique and (manifest.group >= 0).all()
+    assert manifest.set_index("id").loc["img_00001.jpg", ["width", "height"]].tolist() == [160, 96]
+
+    images = np.load(tmp_path / paths.images, mmap_mode="r")
+    assert images.shape == (len(manifest), SIZE, SIZE, 3) and images.dtype == np.uint8
+    grey_row = images[manifest.index[manifest.id == "img_00100.jpg"][0]]
+    assert np.array_equal(grey_row[..., 0], grey_row[..., 1]) and np.array_equal(grey_row[..., 1], grey_row[..., 2])
+    assert report["converted"] == {"grey": 1, "alpha": 1}
+
+    reasons = {Path(q["path"]).name if q["split"] != "test_stg2" else q["id"]: q["reason"]
+               for q in report["quarantine"]}
+    assert set(reasons) == set(dl.bad)
+    for name, fragment in dl.bad.items():
+        assert fragment in reasons[name], (name, reasons[name])
+    assert report["quarantined"] == len(dl.bad)
+
+    refused = {r["entry"] for r in report["refused_entries"]}
+    assert {"../evil.jpg", "train/ALB/img_00900.jpg", "../evil7z.jpg", "test_stg2/image_00900.jpg"} <= refused
+    assert any(e.startswith("/") for e in refused) and len(refused) == 5
+    for folder in (tmp_path, tmp_path.parent):
+        for name in dl.evil_names:
+            assert not list(folder.rglob(name) if folder == tmp_path else folder.glob(name)), (folder, name)
+    assert not any(p.is_symlink() for p in (tmp_path / "data").rglob("*"))
+    assert listing(dl.kaggle_dir) == before  # the raw download is never written
+    assert (tmp_path / "data/interim/extracted/train/train/ALB/img_00001.jpg").is_file()
+
+    s1 = pd.read_csv(tmp_path / paths.sample_stg1)
+    s2 = pd.read_csv(tmp_path / paths.sample_stg2)
+    assert list(s1.columns) == ["image", *FISH_CLASSES] and set(s1.image) == {Path(k).name for k in dl.stg1}
+    assert set(s2.image) == set(s1.image) | set(dl.stg2) | {"test_stg2/image_00005.jpg"}
+    assert (tmp_path / paths.solution).read_text().strip() == "image,label,stage"
+
+    on_disk = json.loads((tmp_path / paths.reports / "ingest_report.json").read_text())
+    assert on_disk["counts"] == {"train": len(dl.train), "test_stg1": 5, "test_stg2": 4}
+    assert on_disk["duplicates"]["exact_train_test"]["pairs"] == 1
+    assert on_disk["groups"]["n_groups"] >= 4 and on_disk["ari_vs_true_boats"] is None
+    assert on_disk["ignored"]["count"] == 1
+    assert (tmp_path / paths.figures / "groups.png").stat().st_size > 1000
+    assert not list((tmp_path / "data").rglob(".*.tmp*")) and not list((tmp_path / "data").rglob("*.decoding*"))
+
+
+def test_mixed_folders_plain_csv_and_a_user_solution(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    # Mix: stage 1 as Kaggle's zip beside the other pieces as folders.
+    (dl.kaggle_dir / "test_stg1").rename(tmp_path / "stg1_folder")
+    _write_zip(dl.kaggle_dir / "test_stg1.zip", dl.stg1)
+    pd.DataFrame({"image": ["img_00300.jpg"], "label": ["ALB"], "stage": [1]}).to_csv(
+        dl.kaggle_dir / "solution.csv", index=False)
+    paths, data, ing, size = sections(workers=1)
+    report = ingest.run(paths, data, ing, size, root=tmp_path)
+    assert report["counts"] == {"train": len(dl.train), "test_stg1": 5, "test_stg2": 4}
+    assert report["inputs"]["train"] == "data/raw/kaggle/train"
+    assert report["inputs"]["test_stg1"] == "data/raw/kaggle/test_stg1.zip"
+    assert pd.read_csv(tmp_path / paths.solution).to_dict("list") == {
+        "image": ["img_00300.jpg"], "label": ["ALB"], "stage": [1]}
+    manifest = pd.read_csv(tmp_path / paths.manifest)
+    assert manifest.path.iloc[0].startswith("data/raw/kaggle/train/")  # folders are read in place
+
+
+def test_parallel_and_serial_decoding_agree(tmp_path):
+    make_download(tmp_path, form="folders")
+    paths, data, _, size = sections()
+    out = {}
+    for workers in (1, 2):
+        _, _, ing, _ = sections(workers=workers)
+        ingest.run(paths, data, ing, size, root=tmp_path)
+        out[workers] = (np.load(tmp_path / paths.images), pd.read_csv(tmp_path / paths.manifest))
+    assert np.array_equal(out[1][0], out[2][0])
+    pd.testing.assert_frame_equal(out[1][1], out[2][1])
+
+
+def make_demo(root: Path) -> Path:
+    """A miniature of pipeline.demo's output: Kaggle's layout plus solution.csv and boats.csv."""
+    demo = root / "data/raw/demo"
+    rows, boats = [], []
+    n = 0
+    for boat, (w, h) in enumerate([(160, 96), (160, 96), (160, 120), (200, 120)]):
+        for i in range(10):
+            n += 1
+            split = "test_stg2" if boat == 3 else ("test_stg1" if i >= 8 else "train")
+            name = f"image_{n:05d}.jpg" if split == "test_stg2" else f"img_{n:05d}.jpg"
+            label = FISH_CLASSES[(boat * 10 + i) % 8]
+            rel = f"train/{label}/{name}" if split == "train" else f"{split}/{name}"
+            _write_folder(demo, {rel: jpeg(boat_frame(boat, n, w, h, night=i % 4 == 0))})
+            image_id = f"test_stg2/{name}" if split == "test_stg2" else name
+            boats.append({"image": image_id, "split": split, "boat": boat})
+            if split != "train":
+                rows.append({"image": image_id, "label": label, "stage": 2 if split == "test_stg2" else 1})
+    sol = pd.DataFrame(rows)
+    sol.to_csv(demo / "solution.csv", index=False)
+    pd.DataFrame(boats).to_csv(demo / "boats.csv", index=False)
+    _sample(sol.image[sol.stage == 1].tolist()).to_csv(demo / "sample_submission_stg1.csv", index=False)
+    _sample(sol.image.tolist()).to_csv(demo / "sample_submission_stg2.csv", index=False)
+    return demo
+
+
+def test_demo_source_reports_group_agreement(tmp_path):
+    demo = make_demo(tmp_path)
+    paths, data, ing, size = sections(source="demo")
+    report = ingest.run(paths, data, ing, size, root=tmp_path)
+    manifest = pd.read_csv(tmp_path / paths.manifest)
+    assert len(manifest) == 40 and manifest.true_boat.notna().all()
+    assert report["ari_vs_true_boats"] >= 0.8
+    assert report["groups"]["test_groups_seen_in_train"]["test_stg2"] == 0  # the new boat is a group of its own
+    assert (tmp_path / paths.solution).read_text() == (demo / "solution.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------ stop conditions
+
+
+def _run(tmp_path, source="kaggle"):
+    paths, data, ing, size = sections(source=source, workers=1)
+    return ingest.run(paths, data, ing, size, root=tmp_path)
+
+
+def test_missing_archive_says_what_where_and_how(tmp_path):
+    dl = make_download(tmp_path)
+    (dl.kaggle_dir / "test_stg2.7z").unlink()
+    (dl.kaggle_dir / "sample_submission_stg1.csv.zip").unlink()
+    with pytest.raises(IngestError) as err:
+        _run(tmp_path)
+    msg = str(err.value)
+    assert "test_stg2.7z" in msg and "sample_submission_stg1.csv" in msg and "train.zip" not in msg
+    assert str(dl.kaggle_dir.resolve()) in msg and "make download" in msg and "rules" in msg
+
+
+def test_empty_kaggle_dir_and_missing_demo(tmp_path):
+    (tmp_path / "data/raw/kaggle").mkdir(parents=True)
+    with pytest.raises(IngestError, match="train.zip"):
+        _run(tmp_path)
+    with pytest.raises(IngestError, match="pipeline.demo"):
+        _run(tmp_path, source="demo")
+
+
+def test_unknown_class_folder_stops_and_names_it(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    _write_folder(dl.kaggle_dir, {"train/TUNA/img_09999.jpg": jpeg(boat_frame(0, 1, 160, 96))})
+    with pytest.raises(IngestError, match=r"unknown class folder.*TUNA.*data/raw/kaggle/train"):
+        _run(tmp_path)
+
+
+def test_missing_class_stops_and_names_it(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    for f in (dl.kaggle_dir / "train/LAG").iterdir():
+        f.unlink()
+    with pytest.raises(IngestError, match=r"\['LAG'\] missing or empty"):
+        _run(tmp_path)
+
+
+def test_class_with_only_bad_files_stops_after_writing_the_report(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    for f in (dl.kaggle_dir / "train/SHARK").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(IngestError, match=r"no valid training image left.*SHARK"):
+        _run(tmp_path)
+    report = json.loads((tmp_path / "reports/ingest_report.json").read_text())
+    assert sum("SHARK" in q["path"] for q in report["quarantine"]) == 2
+
+
+def test_empty_test_set_stops(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    for f in (dl.kaggle_dir / "test_stg1").iterdir():
+        f.unlink()
+    with pytest.raises(IngestError, match=r"test set .*test_stg1 is empty"):
+        _run(tmp_path)
+
+
+def test_sample_submission_that_does_not_match_the_test_images_stops(tmp_path):
+    dl = make_download(tmp_path, form="folders")
+    path = dl.kaggle_dir / "sample_submission_stg2.csv"
+    sample = pd.read_csv(path)
+    sample.iloc[1:].to_csv(path, index=False)  # one stage-1 row lost
+    with pytest.raises(IngestError, match=r"sample_submission_stg2.csv does not match.*without a row"):
+        _run(tmp_path)
+    sample["image"] = sample["image"].str.replace("test_stg2/", "")  # stage-2 names without their prefix
+    sample.to_csv(path, index=False)
+    with pytest.raises(IngestError, match="sample_submission_stg2.csv"):
+        _run(tmp_path)
+
+
+def test_archive_cap_stops_the_run(tmp_path):
+    make_download(tmp_path)
+    paths, data, ing, size = sections(workers=1, max_archive_entries=10)
+    with pytest.raises(Exception, match="max_archive_entries"):
+        ingest.run(paths, data, ing, size, root=tmp_path)
+    assert not (tmp_path / "data/interim/extracted/train").exists()
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def test_decode_bytes_reasons_and_conversions():
+    img = boat_frame(0, 1, 160, 96)
+    good = jpeg(img)
+    assert decode_bytes(b"")[2] == "empty file (0 bytes)"
+    assert "truncated JPEG" in decode_bytes(good[:-300])[2]
+    assert "not an image" in decode_bytes(b"hello world")[2]
+    assert "corrupt png" in decode_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50 + b"IEND\xaeB`\x82")[2]
+    assert "truncated PNG" in decode_bytes(png(img)[:-40])[2]
+    rgb, note, reason, size = decode_bytes(good)
+    assert reason is None and note == "" and rgb.shape == (96, 160, 3) and size == (160, 96)
+    flat = np.zeros((16, 16, 3), np.uint8)
+    flat[:] = (30, 120, 220)  # BGR, as cv2 writes it
+    assert np.abs(decode_bytes(jpeg(flat))[0][8, 8].astype(int) - [220, 120, 30]).max() <= 3  # RGB order
+    grey16 = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+    rgb, note, reason, _ = decode_bytes(png(grey16))
+    assert reason is None and note == "16bit+grey" and rgb.shape == (96, 160, 3) and rgb.dtype == np.uint8
+
+
+def test_large_jpegs_decode_at_reduced_scale_but_report_their_true_size():
+    big = cv2.resize(boat_frame(0, 1, 160, 96), (1280, 720))
+    data = jpeg(big)
+    assert jpeg_header(data) == (1280, 720, 3)
+    assert jpeg_header(jpeg(cv2.cvtColor(big, cv2.COLOR_BGR2GRAY))) == (1280, 720, 1)
+    assert reduction(1280, 720, 96, "pad") == 8 and reduction(1280, 720, 224, "pad") == 4
+    assert reduction(1280, 720, 224, "crop") == 2 and reduction(320, 240, 96, "pad") == 2
+    rgb, note, reason, size = decode_bytes(data, 96, "pad")
+    assert reason is None and size == (1280, 720) and rgb.shape == (90, 160, 3)
+    full = decode_bytes(data)[0]
+    a = fit_square(rgb, 96, "pad").astype(int)
+    b = fit_square(full, 96, "pad").astype(int)
+    assert np.abs(a - b).mean() < 3  # the cache looks the same either way
+    rgb, note, _, _ = decode_bytes(jpeg(cv2.cvtColor(big, cv2.COLOR_BGR2GRAY)), 96, "pad")
+    assert note == "grey" and rgb.shape[2] == 3
+
+
+def test_fit_square_modes():
+    img = np.zeros((50, 100, 3), np.uint8)
+    img[:, :50] = 200  # left half bright
+    pad = fit_square(img, 20, "pad")
+    assert pad.shape == (20, 20, 3)
+    assert pad[:5].max() == 0 and pad[15:].max() == 0  # black bars above and below
+    assert pad[10, 2, 0] == 200 and pad[10, 17, 0] == 0  # the whole width is kept
+    crop = fit_square(img, 20, "crop")
+    assert crop[10, 2, 0] == 200 and crop[10, 17, 0] == 0 and crop[0].max() == 200  # centre square, no bars
+    stretch = fit_square(img, 20, "stretch")
+    assert stretch[0, 2, 0] == 200 and stretch[0, 17, 0] == 0
+    with pytest.raises(ValueError):
+        fit_square(img, 20, "zoom")
+
+
+def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(boat_frame(0, 1, 160, 96)))
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "b.jpg")  # a dangling link: open() fails
+    res = list(decode_all([good, tmp_path / "b.jpg"], SIZE, "pad", 8, workers=2))
+    assert res[0].reason is None and res[0].image.shape == (SIZE, SIZE, 3)
+    assert res[1].reason.startswith("unreadable: FileNotFoundError")
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def _project(tmp_path: Path, source: str) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = source
+    params["model"]["image_size"] = SIZE
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _module(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "HOME": str(cwd)}
+    return subprocess.run([sys.executable, "-m", name], cwd=cwd, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_main_runs_the_stage_and_fails_cleanly(tmp_path):
+    dl = make_download(tmp_path)
+    _project(tmp_path, "kaggle")
+    ok = _module("pipeline.ingest", tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "boat groups" in ok.stdout and "quarantined" in ok.stdout
+    (dl.kaggle_dir / "train.zip").unlink()
+    bad = _module("pipeline.ingest", tmp_path)
+    assert bad.returncode != 0 and "ingest: the Kaggle download" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_download_without_credentials_says_what_to_do(tmp_path):
+    _project(tmp_path, "kaggle")
+    res = _module("pipeline.download", tmp_path)  # HOME is tmp_path: no ~/.kaggle, no KAGGLE_* variables
+    assert res.returncode != 0
+    for needle in ("kaggle.json", "chmod 600", "Create New Token", "rules", "data/raw/kaggle"):
+        assert needle in res.stderr, needle
+    assert not (tmp_path / "data").exists()
+
+
+def test_find_credentials(tmp_path):
+    assert download.find_credentials({}, tmp_path) is None
+    assert download.find_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle/kaggle.json").write_text("{}")
+    assert download.find_credentials({}, tmp_path).endswith("kaggle.json")
+    assert download.find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "elsewhere")}, tmp_path) is None
