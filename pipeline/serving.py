@@ -112,19 +112,15 @@ def weights_digest(model: Any) -> str:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _to_rgb(item: Any) -> np.ndarray:
-    from pipeline.decode import decode_bytes
-
+def _source(item: Any) -> bytes | np.ndarray:
+    """A file's bytes (decoded later, per working size, as ingest does) or an RGB uint8 array."""
     if isinstance(item, (str, Path)):
         path = Path(item)
         if not path.is_file():
             raise ServingError(f"no such image file: {path}")
-        item = path.read_bytes()
+        return path.read_bytes()
     if isinstance(item, (bytes, bytearray, memoryview)):
-        rgb, _, reason = decode_bytes(bytes(item))
-        if rgb is None:
-            raise ServingError(f"cannot use this image: {reason}")
-        return rgb
+        return bytes(item)
     img = np.asarray(item)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
@@ -135,8 +131,8 @@ def _to_rgb(item: Any) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-def as_images(model_input: Any) -> tuple[list[np.ndarray], Any]:
-    """Whatever pyfunc was given → (RGB uint8 images, index for the output rows)."""
+def as_sources(model_input: Any) -> tuple[list[bytes | np.ndarray], Any]:
+    """Whatever pyfunc was given → (file bytes or RGB arrays, index for the output rows)."""
     import pandas as pd
 
     index = None
@@ -156,7 +152,21 @@ def as_images(model_input: Any) -> tuple[list[np.ndarray], Any]:
         items = [model_input] if model_input.ndim in (2, 3) else list(model_input)
     else:
         items = list(model_input)
-    return [_to_rgb(item) for item in items], index
+    return [_source(item) for item in items], index
+
+
+def to_square(source: bytes | np.ndarray, size: int, mode: str) -> np.ndarray:
+    """The size×size RGB frame ingest would have cached for this image (`pipeline.decode`'s own steps:
+    a large JPEG is decoded at reduced scale for the target size, then fitted by `mode`)."""
+    from pipeline.decode import decode_bytes, fit_square
+
+    if isinstance(source, bytes):
+        decoded = decode_bytes(source, size, mode)
+        rgb, reason = decoded[0], decoded[2]  # (rgb, conversion note, quarantine reason, ...)
+        if rgb is None:
+            raise ServingError(f"cannot use this image: {reason}")
+        source = rgb
+    return fit_square(source, size, mode)
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -183,10 +193,8 @@ class EnsembleModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from pipeline.decode import fit_square
-
-        images, index = as_images(model_input)
-        if not images:
+        sources, index = as_sources(model_input)
+        if not sources:
             return pd.DataFrame(columns=self.classes, dtype=np.float64)
         batch_size = int((params or {}).get("batch_size", self.settings.get("batch_size", 32)))
         squares: dict[int, np.ndarray] = {}
@@ -194,7 +202,7 @@ class EnsembleModel(PythonModel):
         for entry, extractor, heads in zip(self.settings["backbones"], self.extractors, self.heads, strict=True):
             size = entry["image_size"]
             if size not in squares:
-                squares[size] = np.stack([fit_square(img, size, self.settings["resize"]) for img in images])
+                squares[size] = np.stack([to_square(src, size, self.settings["resize"]) for src in sources])
             features = _batched(extractor, squares[size], batch_size)
             # A backbone's prediction is the mean of its fold heads, as for the pipeline's test predictions.
             per_model.append(np.mean([_batched(h, features, 1024) for h in heads], axis=0))

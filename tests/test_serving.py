@@ -1,0 +1,198 @@
+"""The pyfunc ensemble model: logged small, registered, loaded back, and predicting from raw images exactly
+what the pipeline's own pieces predict.
+
+Built on tiny generated outputs shaped like the train and ensemble stages' (a 32 px VGG16 with random
+weights, two fold heads), so the whole round trip runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import cv2
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import serving, tracking
+from pipeline.config import FISH_CLASSES
+from pipeline.decode import decode_file, fit_square
+from pipeline.models import build_extractor, build_head
+
+SIZE, SEED, FOLDS = 32, 7, 2
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tracking_state():
+    tracking.reset()
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    tracking.reset()
+
+
+@pytest.fixture(scope="module")
+def predictions(tmp_path_factory) -> Path:
+    """`<predictions>/vgg16/{extractor.json, models/head_fold<k>.keras}` as the train stage leaves them."""
+    root = tmp_path_factory.mktemp("predictions")
+    folder = root / "vgg16"
+    (folder / "models").mkdir(parents=True)
+    ext = {"backbone": "vgg16", "image_size": SIZE, "weights": "none", "pooling": "avg", "seed": SEED}
+    (folder / "extractor.json").write_text(json.dumps(ext))
+    for k in range(FOLDS):
+        keras.utils.set_random_seed(100 + k)
+        head = build_head(512, len(FISH_CLASSES), 16, 0.1, 0.1)
+        # Random heads predict nearly uniform probabilities; a bias makes folds and classes differ visibly.
+        dense = head.get_layer("probabilities")
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel * 5, np.linspace(-1, 1, len(FISH_CLASSES)) * (k + 1)])
+        head.save(folder / "models" / f"head_fold{k}.keras")
+    return root
+
+
+def report(method: str = "weighted", **row) -> dict:
+    """The slice of `paths.ensemble_report` that serving reads."""
+    shares = np.linspace(1, 2, len(FISH_CLASSES))
+    shares /= shares.sum()
+    row = {"model_temperatures": {"vgg16": 1.3}, "ensemble_temperature": 0.8, "clip": [0.01, 0.95], **row}
+    return {
+        "method": method,
+        "models": ["vgg16"],
+        "results": {method: row},
+        "chosen": {"method": method, "oof_logloss": 1.1},
+        "prior": {"train_shares": dict(zip(FISH_CLASSES, shares, strict=True)),
+                  "target_shares": {c: 1 / len(FISH_CLASSES) for c in FISH_CLASSES}},
+        "mlflow_run_id": None,
+    }
+
+
+def images(n: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40 + 9 * i, 64 - 5 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+def by_hand(predictions: Path, imgs: list[np.ndarray], rep: dict, x: np.ndarray | None = None) -> np.ndarray:
+    """The same prediction from the pipeline's own pieces, without serving's code paths."""
+    keras.utils.set_random_seed(SEED)
+    extractor = build_extractor("vgg16", SIZE, "none", "avg")
+    if x is None:
+        x = np.stack([fit_square(img, SIZE, "pad") for img in imgs])
+    feats = np.asarray(extractor(x, training=False))
+    heads = [keras.saving.load_model(predictions / "vgg16" / "models" / f"head_fold{k}.keras") for k in range(FOLDS)]
+    proba = np.mean([np.asarray(h(feats, training=False)) for h in heads], axis=0)
+    settings = serving.ensemble_settings(predictions, rep)
+    return serving.combine([proba], settings)
+
+
+# ------------------------------------------------------------------------------------------- the maths
+
+
+def test_combination_matches_the_ensemble_stage():
+    ens = pytest.importorskip("pipeline.ensemble")
+    if not hasattr(ens, "Fitted") or not hasattr(ens, "predict"):
+        pytest.skip("pipeline.ensemble has no Fitted/predict to compare with")
+    rng = np.random.default_rng(1)
+    stack = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 20))
+    train, target = rng.dirichlet(np.ones(len(FISH_CLASSES))), np.full(len(FISH_CLASSES), 1 / len(FISH_CLASSES))
+    for method, weights in (("weighted", (0.3, 0.7)), ("geometric", (0.5, 0.5)), ("best", (0.0, 1.0))):
+        fitted = ens.Fitted(method, (1.4, 0.8), weights, None, 1.2, (0.02, 0.9))
+        expected = ens.predict(fitted, stack, (train, target))
+        settings = {
+            "method": method, "ensemble_temperature": 1.2, "clip": [0.02, 0.9],
+            "backbones": [{"temperature": t, "weight": w} for t, w in zip((1.4, 0.8), weights, strict=True)],
+            "prior": {"train": train.tolist(), "target": target.tolist()},
+        }
+        np.testing.assert_allclose(serving.combine(list(stack), settings), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_settings_read_the_report_and_the_train_outputs(predictions):
+    settings = serving.ensemble_settings(predictions, report())
+    (entry,) = settings["backbones"]
+    assert entry["backbone"] == "vgg16" and entry["seed"] == SEED and entry["weight"] == 1.0
+    assert entry["temperature"] == 1.3 and settings["ensemble_temperature"] == 0.8
+    assert [Path(h).name for h in entry["head_paths"]] == ["head_fold0.keras", "head_fold1.keras"]
+    assert settings["prior"]["target"] == [pytest.approx(1 / 8)] * 8
+    with pytest.raises(serving.ServingError, match="stacking"):
+        serving.ensemble_settings(predictions, report("stacking"))
+    with pytest.raises(serving.ServingError, match="extractor.json"):
+        serving.ensemble_settings(predictions, {**report(), "models": ["resnet50"]})
+
+
+# -------------------------------------------------------------------------------------------- round trip
+
+
+def test_logged_registered_model_predicts_from_raw_images(predictions, tmp_path):
+    name = f"fisheries-ensemble-{uuid.uuid4().hex[:6]}"
+    rep = report()
+    with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}") as run:
+        tracking.log_metrics({"oof_logloss.chosen": 1.1})
+        logged = serving.log_ensemble_model(predictions, rep, registered_model=name)
+    assert logged is not None and logged["run_id"] == run.info.run_id
+    assert logged["registered"]["alias_version"] == "1"
+
+    # Small: heads and settings only, no backbone weights (VGG16's alone would be ~59 MB).
+    local = Path(mlflow.artifacts.download_artifacts(logged["model_uri"], dst_path=str(tmp_path / "dl")))
+    size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    assert size < 3_000_000, f"logged model is {size / 1e6:.1f} MB"
+    assert not list(local.rglob("extractors"))
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    imgs = images()
+    expected = by_hand(predictions, imgs, rep)
+    out = model.predict(imgs)
+    assert list(out.columns) == list(FISH_CLASSES)
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-9)
+
+    # Files (what ingest decodes), a DataFrame of paths, and one array give the same answer.
+    paths = []
+    for i, img in enumerate(imgs):
+        paths.append(tmp_path / f"img_{i}.png")  # lossless, so the pixels are the same
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    np.testing.assert_allclose(model.predict([str(p) for p in paths]).to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    frame = pd.DataFrame({"path": [str(p) for p in paths]}, index=["a", "b", "c"])
+    by_frame = model.predict(frame)
+    assert list(by_frame.index) == ["a", "b", "c"]
+    np.testing.assert_allclose(by_frame.to_numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.predict(imgs[0]).to_numpy(), expected[:1], rtol=1e-5, atol=1e-7)
+
+    # A camera-sized JPEG: ingest decodes it at reduced scale; the served model must see the same pixels.
+    big = tmp_path / "img_big.jpg"
+    frame = cv2.resize(imgs[0], (1280, 720), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(big), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    cached = decode_file(0, big, SIZE, "pad", 8).image  # exactly what ingest stores for this file
+    np.testing.assert_allclose(model.predict(str(big)).to_numpy(), by_hand(predictions, [], rep, cached[None]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_a_rebuilt_extractor_that_differs_is_refused(predictions, tmp_path):
+    settings = serving.stage_model(serving.ensemble_settings(predictions, report()), tmp_path)
+    entry = dict(settings["backbones"][0])
+    assert serving.weights_digest(serving.load_extractor(entry, tmp_path)) == entry["weights_digest"]
+    with pytest.raises(serving.ServingError, match="differs from the one logged"):
+        serving.load_extractor({**entry, "seed": SEED + 1}, tmp_path)
+
+
+def test_extractor_can_be_shipped_as_a_file(predictions, tmp_path):
+    settings = serving.stage_model(serving.ensemble_settings(predictions, report()), tmp_path, extractors="file")
+    entry = settings["backbones"][0]
+    assert entry["extractor_file"] == "extractors/vgg16.keras" and (tmp_path / entry["extractor_file"]).is_file()
+    x = np.stack([fit_square(img, SIZE, "pad") for img in images(2)])
+    loaded = serving.load_extractor(entry, tmp_path)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(serving.build_seeded_extractor(entry)(x)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_an_unpackageable_ensemble_is_skipped_with_a_message_not_a_failure(predictions, capsys):
+    with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}") as run:
+        assert serving.log_ensemble_model(predictions, report("stacking")) is None
+        tracking.log_metrics({"still": 1.0})
+    err = capsys.readouterr().err
+    assert "ensemble model is not logged" in err and "stacking" in err
+    assert tracking.disabled_reason() is None
+    assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["still"] == 1.0
+    assert serving.log_ensemble_model(predictions, report()) is None  # no open run: nothing to attach it to
