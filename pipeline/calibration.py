@@ -2,10 +2,10 @@
 
 Log loss punishes a confident mistake without limit, and networks trained on a few thousand near-duplicate
 frames are overconfident (NCFM.md: every strong team clipped or calibrated). Everything here is fit on
-out-of-fold predictions only and is guaranteed never to raise the OOF log loss it was fit on: temperature 1 and
-"no clipping" are always candidates, and a fitted setting is kept only when it scores lower. The class-prior
-correction is different: it is never fit, it re-weights test predictions from the training class mix to a
-target mix the user declares (stage 2's boats had a different one), so it has no OOF score.
+out-of-fold predictions only and is guaranteed never to raise the OOF log loss it was fit on: temperature 1
+and "no clipping" are always candidates, and a fitted setting is kept only when it scores lower. The
+class-prior correction is different: it is never fit, it re-weights test predictions from the training
+class mix to a target mix the user declares (stage 2's boats had a different one), so it has no OOF score.
 
 All functions are pure and take (n, k) probability arrays in `FISH_CLASSES` order.
 """
@@ -116,8 +116,12 @@ def read_prior_file(path: str | Path, classes: Sequence[str]) -> np.ndarray:
     """Target shares from a CSV with columns `class,share` (any positive scale; renormalised here)."""
     table = pd.read_csv(path)
     if list(table.columns) != ["class", "share"]:
-        raise ValueError(f"{path}: expected the header 'class,share', got {','.join(map(str, table.columns))}")
-    shares = dict(zip(table["class"].astype(str), pd.to_numeric(table["share"], errors="coerce"), strict=True))
+        raise ValueError(
+            f"{path}: expected the header 'class,share', got {','.join(map(str, table.columns))}"
+        )
+    shares = dict(
+        zip(table["class"].astype(str), pd.to_numeric(table["share"], errors="coerce"), strict=True)
+    )
     missing = [c for c in classes if c not in shares]
     unknown = sorted(set(shares) - set(classes))
     if missing or unknown:
@@ -136,7 +140,8 @@ def target_prior(setting: str, classes: Sequence[str]) -> np.ndarray | None:
         return np.full(len(classes), 1.0 / len(classes))
     if not Path(setting).is_file():
         raise ValueError(
-            f"ensemble.prior: {setting!r} is neither 'train', 'uniform' nor an existing CSV file of class shares"
+            f"ensemble.prior: {setting!r} is neither 'train', 'uniform' nor an existing CSV file "
+            "of class shares"
         )
     return read_prior_file(setting, classes)
 
@@ -162,13 +167,17 @@ def reliability_curve(proba: np.ndarray, y: np.ndarray, n_bins: int = 10) -> pd.
     for b in range(n_bins):
         mask = bins == b
         if mask.any():
-            rows.append((edges[b], edges[b + 1], confidence[mask].mean(), correct[mask].mean(), int(mask.sum())))
+            rows.append(
+                (edges[b], edges[b + 1], confidence[mask].mean(), correct[mask].mean(), int(mask.sum()))
+            )
     return pd.DataFrame(rows, columns=["lo", "hi", "confidence", "accuracy", "count"])
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 10) -> float:
     curve = reliability_curve(proba, y, n_bins)
-    return float(np.sum(curve["count"] * np.abs(curve["confidence"] - curve["accuracy"])) / curve["count"].sum())
+    return float(
+        np.sum(curve["count"] * np.abs(curve["confidence"] - curve["accuracy"])) / curve["count"].sum()
+    )
 
 
 def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: int = 10):
@@ -184,7 +193,12 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], n_bins: i
         curve = reliability_curve(proba, y, n_bins)
         loss = kaggle_log_loss(y, proba)
         ece = expected_calibration_error(proba, y, n_bins)
-        ax.plot(curve["confidence"], curve["accuracy"], marker="o", label=f"{label} (OOF {loss:.3f}, ECE {ece:.3f})")
+        ax.plot(
+            curve["confidence"],
+            curve["accuracy"],
+            marker="o",
+            label=f"{label} (OOF {loss:.3f}, ECE {ece:.3f})",
+        )
         hist.hist(normalise_rows(proba).max(axis=1), bins=n_bins, range=(0, 1), histtype="step", label=label)
     ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     ax.set_title("Reliability on out-of-fold predictions")

@@ -2,17 +2,18 @@
 
 Every combiner and every calibration step is fit on the out-of-fold (OOF) predictions only, never on a test
 set. The combiners: `mean`; `weighted` (simplex weights minimising OOF log loss); `geometric` (renormalised
-product); `stacking` (a multinomial logistic regression on the models' OOF log-probabilities); `best` (the best
-single model). Each model is temperature-scaled before combining, the combination is temperature-scaled again and
-optionally clipped (`pipeline.calibration`); test predictions may then be re-weighted to a target class prior.
+product); `stacking` (a multinomial logistic regression on the models' OOF log-probabilities); `best` (the
+best single model). Each model is temperature-scaled before combining, the combination is temperature-scaled
+again and optionally clipped (`pipeline.calibration`); test predictions may then be re-weighted to a target
+class prior.
 
 How honest each reported OOF log loss is, and why it matters on a leaderboard that punishes overconfidence:
-- `stacking` is cross-fitted over the same folds as the `fold` column of oof.csv: the stacker that predicts fold
-  k was fit on the other folds only, so its OOF score is out-of-fold for the stacker too.
+- `stacking` is cross-fitted over the same folds as the `fold` column of oof.csv: the stacker that predicts
+  fold k was fit on the other folds only, so its OOF score is out-of-fold for the stacker too.
 - `weighted`, the temperatures and the clip are fit on all OOF rows and scored on the same rows: a handful of
   parameters, slightly optimistic.
-- `oof_logloss_nested_cv` refits *everything* (temperatures, weights, model choice, stacker, clip) on the other
-  folds for each fold: the honest estimate for every method, reported beside the headline number.
+- `oof_logloss_nested_cv` refits *everything* (temperatures, weights, model choice, stacker, clip) on the
+  other folds for each fold: the honest estimate for every method, reported beside the headline number.
 
 `ensemble.method` picks what is written; every method and every single model is scored side by side in
 `paths.ensemble_report` and `paths.metrics`.
@@ -52,7 +53,7 @@ STACK_FEATURE_FLOOR = 1e-6
 
 @dataclass(frozen=True)
 class Predictions:
-    """Every model's predictions, row-aligned across models: `oof` is (m, n, k), tests map to (ids, (m, t, k))."""
+    """Every model's predictions, row-aligned: `oof` is (m, n, k), `tests` maps to (ids, (m, t, k))."""
 
     models: tuple[str, ...]
     ids: np.ndarray
@@ -98,7 +99,9 @@ def read_predictions(pred_dir: str | Path, backbones: tuple[str, ...]) -> Predic
         for bb, table in zip(backbones[1:], tables[1:], strict=True):
             if set(table.index) != set(test_ids):
                 raise ValueError(f"{bb}/{name}.csv covers different images than {backbones[0]}/{name}.csv")
-        stack = np.stack([normalise_rows(t.loc[test_ids, list(FISH_CLASSES)].to_numpy(np.float64)) for t in tables])
+        stack = np.stack(
+            [normalise_rows(t.loc[test_ids, list(FISH_CLASSES)].to_numpy(np.float64)) for t in tables]
+        )
         tests[name] = (test_ids, stack)
     return Predictions(tuple(backbones), ids, folds, oof, tests)
 
@@ -133,9 +136,9 @@ def combine_geometric(stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def fit_simplex_weights(stack: np.ndarray, y: np.ndarray, tempered: bool = False) -> np.ndarray:
     """Non-negative weights summing to 1 that minimise the OOF log loss of the weighted mean.
 
-    Without `tempered`, the loss -mean(log(q @ w)) (q: each model's probability of the true class) is convex in
-    w. With it, the weights are fit jointly with the inverse temperature applied after combining, because the
-    best mix before tempering is not the best one after (averaging several models makes the mean
+    Without `tempered`, the loss -mean(log(q @ w)) (q: each model's probability of the true class) is convex
+    in w. With it, the weights are fit jointly with the inverse temperature applied after combining, because
+    the best mix before tempering is not the best one after (averaging several models makes the mean
     underconfident, and the temperature then rewards a broader mix). Either way every single model (a vertex
     of the simplex) and the uniform mix stay candidates, judged by the same criterion, so an imperfect solver
     can never make the weighted mean worse than the best single model or the plain mean.
@@ -144,7 +147,11 @@ def fit_simplex_weights(stack: np.ndarray, y: np.ndarray, tempered: bool = False
     y = np.asarray(y, dtype=np.int64)
     rows = np.arange(len(y))
     q = stack[:, rows, y].T  # (n, m)
-    simplex = {"type": "eq", "fun": lambda v: v[:m].sum() - 1.0, "jac": lambda v: np.r_[np.ones(m), 0.0][: len(v)]}
+    simplex = {
+        "type": "eq",
+        "fun": lambda v: v[:m].sum() - 1.0,
+        "jac": lambda v: np.r_[np.ones(m), 0.0][: len(v)],
+    }
 
     def criterion(w: np.ndarray) -> float:
         proba = combine_mean(stack, w)
@@ -194,8 +201,8 @@ def stack_features(stack: np.ndarray) -> np.ndarray:
 def fit_stacker(stack: np.ndarray, y: np.ndarray, c: float) -> Pipeline:
     """Multinomial logistic regression (lbfgs) on standardised log-probabilities.
 
-    Standardising cuts lbfgs from hundreds of iterations to about a dozen, and one BLAS thread is several times
-    faster than many on matrices this small.
+    Standardising cuts lbfgs from hundreds of iterations to about a dozen, and one BLAS thread is several
+    times faster than many on matrices this small.
     """
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     with threadpool_limits(1):
@@ -203,7 +210,7 @@ def fit_stacker(stack: np.ndarray, y: np.ndarray, c: float) -> Pipeline:
 
 
 def stacker_proba(model: Pipeline, stack: np.ndarray) -> np.ndarray:
-    """Stacker probabilities in FISH_CLASSES order; a class absent from its training rows gets probability 0."""
+    """Stacker probabilities in FISH_CLASSES order; a class its training rows lacked gets probability 0."""
     proba = np.zeros((stack.shape[1], len(FISH_CLASSES)))
     with threadpool_limits(1):
         proba[:, model.classes_] = model.predict_proba(stack_features(stack))
@@ -286,7 +293,9 @@ def fit_ensemble(
     return fitted, cal.apply_clip(combined, *bounds)
 
 
-def predict(fitted: Fitted, stack: np.ndarray, prior_ratio: tuple[np.ndarray, np.ndarray | None] | None = None):
+def predict(
+    fitted: Fitted, stack: np.ndarray, prior_ratio: tuple[np.ndarray, np.ndarray | None] | None = None
+):
     """Apply a fitted ensemble to new rows; `prior_ratio` = (train shares, target shares) re-weights them."""
     weights = None if fitted.weights is None else np.asarray(fitted.weights)
     proba = _combine(fitted.method, _temper(stack, fitted.model_temperatures), weights, fitted.stacker)
@@ -297,8 +306,10 @@ def predict(fitted: Fitted, stack: np.ndarray, prior_ratio: tuple[np.ndarray, np
     return cal.apply_clip(proba, *fitted.clip)
 
 
-def nested_oof(method: str, stack: np.ndarray, y: np.ndarray, folds: np.ndarray, **kwargs) -> np.ndarray | None:
-    """OOF predictions where every fitted parameter for fold k was fit on the other folds; None if impossible."""
+def nested_oof(
+    method: str, stack: np.ndarray, y: np.ndarray, folds: np.ndarray, **kwargs
+) -> np.ndarray | None:
+    """OOF predictions in which fold k's every parameter was fit on the other folds; None if impossible."""
     fold_ids = np.unique(folds)
     # Stacking needs two folds inside each outer training split for its own cross-fitting.
     if len(fold_ids) < (3 if method == "stacking" else 2):
@@ -318,15 +329,16 @@ FIT_NOTES = {
     "weighted": "weights, temperatures and clip fit on all OOF rows and scored on them (in-sample, slightly "
     "optimistic): see oof_logloss_nested_cv",
     "geometric": "no weights; temperatures and clip fit on all OOF rows",
-    "stacking": "stacker cross-fitted over the oof.csv folds (each fold scored by a stacker that never saw it); "
-    "temperatures and clip fit on all OOF rows",
+    "stacking": "stacker cross-fitted over the oof.csv folds (each fold scored by a stacker that never saw "
+    "it); temperatures and clip fit on all OOF rows",
     "best": "model chosen, temperatures and clip fit on all OOF rows",
     "single": "the model's own OOF predictions; temperature and clip fit on all OOF rows",
 }
 
 HONESTY = (
     "stacking: cross-fitted over the oof.csv folds, so its OOF score is out-of-fold for the stacker too. "
-    "weighted, temperatures and clip: fit on all OOF rows and scored on them (in-sample, slightly optimistic). "
+    "weighted, temperatures and clip: fit on all OOF rows and scored on them (in-sample, slightly "
+    "optimistic). "
     "oof_logloss_nested_cv: every parameter refit on the other folds for each fold (the honest estimate)."
 )
 
@@ -342,7 +354,7 @@ def evaluate(
     configured fit with its OOF predictions.
     """
     kwargs = {"temperature": cfg.temperature, "clip": cfg.clip, "stacking_c": cfg.stacking_c}
-    # A single model goes through the same code path as a one-model mean, so its calibrated scores are comparable.
+    # A single model takes the code path of a one-model mean, so its calibrated scores are comparable.
     entries = {f"model:{bb}": ("mean", [j]) for j, bb in enumerate(preds.models)}
     entries.update({method: (method, list(range(len(preds.models)))) for method in METHODS})
     rows: dict[str, dict[str, Any]] = {}
@@ -475,7 +487,9 @@ def run(paths: Any, backbones: tuple[str, ...], cfg: Any) -> dict[str, Any]:
     return report
 
 
-def log_to_mlflow(tracking_cfg: Any, params: dict[str, Any], report: dict[str, Any], paths: Any) -> str | None:
+def log_to_mlflow(
+    tracking_cfg: Any, params: dict[str, Any], report: dict[str, Any], paths: Any
+) -> str | None:
     """Record the finished stage in its own MLflow run; return the run id (None when tracking is off)."""
     with tracking.start_run(tracking_cfg, "ensemble", params) as run:
         if run is None:

@@ -1,4 +1,4 @@
-"""Temperature scaling, clipping and the class-prior correction: fit on OOF, never worse on what they were fit on."""
+"""Temperature scaling, clipping and the class-prior correction: fit on OOF, never worse where fit."""
 
 import numpy as np
 import pandas as pd

@@ -33,7 +33,9 @@ def test_rows_not_summing_to_one_are_normalised_first():
     expected = _sk(y, proba / proba.sum(axis=1, keepdims=True))
     assert kaggle_log_loss(y, proba) == pytest.approx(expected, rel=1e-12)
     # ...and scaling a row by any positive factor does not change the score.
-    assert kaggle_log_loss(y, proba * rng.uniform(0.1, 10, size=(100, 1))) == pytest.approx(expected, rel=1e-12)
+    assert kaggle_log_loss(y, proba * rng.uniform(0.1, 10, size=(100, 1))) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_extreme_values_are_clipped_at_kaggles_epsilon():

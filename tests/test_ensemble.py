@@ -1,0 +1,339 @@
+"""Ensemble combiners and the ensemble stage, on generated per-model predictions.
+
+The honesty properties are the point: the weighted mean can never lose to the best single model on the rows
+it was fit on, and every stacking (and nested) prediction of a row comes from a fit that never saw its fold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import calibration as cal
+from pipeline import config
+from pipeline import ensemble as E
+from pipeline.config import FISH_CLASSES
+from pipeline.metrics import kaggle_log_loss
+from tests.factories import tiny_params
+
+K = len(FISH_CLASSES)
+TRAIN_SHARES = np.array([1719, 200, 117, 67, 465, 299, 176, 734]) / 3777
+STAGE2_SHARES = np.array([0.40, 0.108, 0.05, 0.03, 0.12, 0.10, 0.012, 0.18])
+#: (signal, noise, sharpness) per synthetic model: decent, overconfident, underconfident and weak.
+MODELS = {"vgg16": (2.2, 1.0, 1.0), "resnet50": (1.8, 1.2, 3.0), "xception": (1.2, 1.0, 0.5)}
+
+
+def noisy_softmax(
+    y: np.ndarray, rng: np.random.Generator, signal: float, noise: float, sharp: float
+) -> np.ndarray:
+    logits = rng.normal(0.0, noise, (len(y), K))
+    logits[np.arange(len(y)), y] += signal
+    return cal.softmax(sharp * logits)
+
+
+def synthetic_stack(n=300, models=None, n_folds=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(K, n, p=TRAIN_SHARES)
+    folds = rng.permutation(np.arange(n) % n_folds)
+    stack = np.stack([noisy_softmax(y, rng, *m) for m in (models or MODELS.values())])
+    return stack, y, folds
+
+
+def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_folds=4, seed=0, **overrides):
+    """A params.yaml under `root` plus everything the ensemble, submit and score stages read.
+
+    Returns the validated `paths` section and the true test labels by image name.
+    """
+    raw = tiny_params(root, **{"model.backbones": list(backbones), **overrides})
+    paths = config.load_section("paths", raw)
+    rng = np.random.default_rng(seed)
+    y = rng.choice(K, n_train, p=TRAIN_SHARES)
+    folds = rng.permutation(np.arange(n_train) % n_folds)
+    y1 = rng.choice(K, n_test, p=TRAIN_SHARES)
+    y2 = rng.choice(K, n_test, p=STAGE2_SHARES)
+    ids = [f"img_{i:05d}.jpg" for i in range(n_train)]
+    ids1 = [f"img_{i:05d}.jpg" for i in range(n_train, n_train + n_test)]
+    ids2 = [f"test_stg2/image_{i:05d}.jpg" for i in range(n_test)]
+    manifest = pd.DataFrame(
+        {
+            "id": ids + ids1 + ids2,
+            "split": ["train"] * n_train + ["test_stg1"] * n_test + ["test_stg2"] * n_test,
+            "path": "x.jpg",
+            "label": [FISH_CLASSES[c] for c in y] + [""] * (2 * n_test),
+            "width": 320,
+            "height": 180,
+            "group": 0,
+            "sha1": "0",
+            "true_boat": "",
+        }
+    )
+    Path(paths.manifest).parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(paths.manifest, index=False)
+    for bb in backbones:
+        folder = Path(paths.predictions) / bb
+        folder.mkdir(parents=True, exist_ok=True)
+        params = MODELS.get(bb, (1.5, 1.0, 1.0))
+        oof = pd.DataFrame(noisy_softmax(y, rng, *params), columns=list(FISH_CLASSES))
+        oof.insert(0, "fold", folds)
+        oof.insert(0, "id", ids)
+        # Shuffled: the stage must align rows by id, not by position.
+        oof.sample(frac=1.0, random_state=1).to_csv(folder / "oof.csv", index=False)
+        for name, labels, names in (("test_stg1", y1, ids1), ("test_stg2", y2, ids2)):
+            test = pd.DataFrame(noisy_softmax(labels, rng, *params), columns=list(FISH_CLASSES))
+            test.insert(0, "id", names)
+            test.to_csv(folder / f"{name}.csv", index=False)
+    order1 = list(rng.permutation(ids1))
+    order2 = order1 + list(rng.permutation(ids2))
+    Path(paths.sample_stg1).parent.mkdir(parents=True, exist_ok=True)
+    for sample_path, order in ((paths.sample_stg1, order1), (paths.sample_stg2, order2)):
+        sample = pd.DataFrame(np.full((len(order), K), 0.125), columns=list(FISH_CLASSES))
+        sample.insert(0, "image", order)
+        sample.to_csv(sample_path, index=False)
+    solution = pd.DataFrame(
+        {
+            "image": ids1 + ids2,
+            "label": [FISH_CLASSES[c] for c in np.r_[y1, y2]],
+            "stage": [1] * n_test + [2] * n_test,
+        }
+    )
+    solution.to_csv(paths.solution, index=False)
+    return paths, dict(zip(solution["image"], solution["label"], strict=True))
+
+
+def _fit_loss(method, stack, y, folds, **flags):
+    return kaggle_log_loss(y, E.fit_ensemble(method, stack, y, folds, **flags)[1])
+
+
+# ---------------------------------------------------------------------------------------------- combiners
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tempered", [False, True])
+def test_weighted_mean_never_worse_than_best_single_model(seed, tempered):
+    stack, y, folds = synthetic_stack(seed=seed)
+    if seed == 3:  # one good model among pure noise: the weights must find it
+        stack[1:] = np.random.default_rng(9).dirichlet(np.ones(K), size=(2, len(y)))
+    flags = {"temperature": tempered, "clip": False}
+    weighted = _fit_loss("weighted", stack, y, folds, **flags)
+    singles = [_fit_loss("mean", stack[[j]], y, folds, **flags) for j in range(len(stack))]
+    assert weighted <= min(singles) + 1e-12
+    assert weighted <= _fit_loss("mean", stack, y, folds, **flags) + 1e-12
+    w = E.fit_simplex_weights(stack, y, tempered=tempered)
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+    if seed == 3:
+        assert w[0] > 0.9
+
+
+def test_weighted_mean_beats_every_single_model_on_complementary_models():
+    stack, y, folds = synthetic_stack(seed=11)
+    raw_singles = [kaggle_log_loss(y, p) for p in stack]
+    assert _fit_loss("weighted", stack, y, folds, temperature=True, clip=True) < min(raw_singles) - 0.05
+
+
+def test_geometric_and_mean_by_hand():
+    a = np.array([[0.8, 0.2], [0.5, 0.5]])
+    b = np.array([[0.2, 0.8], [0.9, 0.1]])
+    stack = np.stack([a, b])
+    np.testing.assert_allclose(E.combine_mean(stack, np.array([0.5, 0.5])), [[0.5, 0.5], [0.7, 0.3]])
+    g = np.sqrt(a * b)
+    np.testing.assert_allclose(
+        E.combine_geometric(stack, np.array([0.5, 0.5])), g / g.sum(axis=1, keepdims=True)
+    )
+
+
+def test_best_picks_the_lowest_oof_loss():
+    stack, y, folds = synthetic_stack(seed=2)
+    fitted, _ = E.fit_ensemble("best", stack, y, folds, temperature=False, clip=False)
+    assert fitted.weights == tuple(np.eye(3)[int(np.argmin([kaggle_log_loss(y, p) for p in stack]))])
+
+
+@pytest.mark.parametrize("method", ["mean", "weighted", "geometric", "best"])
+def test_predict_reproduces_the_fitted_oof_predictions(method):
+    stack, y, folds = synthetic_stack(seed=4)
+    fitted, oof = E.fit_ensemble(method, stack, y, folds, temperature=True, clip=True)
+    np.testing.assert_allclose(E.predict(fitted, stack), oof, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_calibration_never_raises_the_oof_loss_of_a_method(method):
+    stack, y, folds = synthetic_stack(seed=5)
+    losses = [_fit_loss(method, stack, y, folds, temperature=t, clip=c) for t, c in E.STEPS.values()]
+    # Clipping acts on the same combined predictions as the step before it, so it can only help.
+    assert losses[2] <= losses[1] + 1e-12
+    # Per-model temperatures change what is combined (and the weights or stacker refit on it), so only the
+    # best single model is guaranteed not to lose from them; the report shows every step for the others.
+    if method == "best":
+        assert losses[1] <= losses[0] + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- honesty
+
+
+def _row_index(stack):
+    """Map each row (across all models) to its index; the generated rows are all distinct."""
+    index = {stack[:, i].tobytes(): i for i in range(stack.shape[1])}
+    assert len(index) == stack.shape[1]
+    return index
+
+
+def test_stacking_predicts_each_fold_with_a_model_that_never_saw_it(monkeypatch):
+    stack, y, folds = synthetic_stack(n=200, seed=6)
+    index = _row_index(stack)
+    fit, proba = E.fit_stacker, E.stacker_proba
+    seen = []
+
+    def spy_fit(s, yy, c):
+        model = fit(s, yy, c)
+        model.rows_ = {index[s[:, i].tobytes()] for i in range(s.shape[1])}
+        return model
+
+    def spy_proba(model, s):
+        seen.append((model.rows_, {index[s[:, i].tobytes()] for i in range(s.shape[1])}))
+        return proba(model, s)
+
+    monkeypatch.setattr(E, "fit_stacker", spy_fit)
+    monkeypatch.setattr(E, "stacker_proba", spy_proba)
+    E.cross_fit_stacker(stack, y, folds, 1.0)
+    assert len(seen) == len(np.unique(folds))
+    predicted = set()
+    for trained_on, scored in seen:
+        assert not trained_on & scored
+        (fold,) = set(folds[sorted(scored)])  # one fold scored per stacker
+        assert trained_on == set(np.flatnonzero(folds != fold))
+        predicted |= scored
+    assert predicted == set(range(len(y)))
+
+
+def test_stacking_oof_is_not_the_optimistic_in_sample_score():
+    # Uninformative models and many features: an in-sample fit finds structure that is not there.
+    rng = np.random.default_rng(0)
+    n = 160
+    y = rng.choice(K, n, p=TRAIN_SHARES)
+    folds = np.arange(n) % 4
+    stack = rng.dirichlet(np.ones(K), size=(4, n))
+    in_sample = kaggle_log_loss(y, E.stacker_proba(E.fit_stacker(stack, y, 100.0), stack))
+    fitted, oof = E.fit_ensemble("stacking", stack, y, folds, temperature=False, clip=False, stacking_c=100.0)
+    reported = kaggle_log_loss(y, oof)
+    prior = kaggle_log_loss(y, np.tile(cal.class_shares(y, K), (n, 1)))
+    assert in_sample < prior - 0.2  # the optimism a non-cross-fitted stacker would report
+    assert reported > prior  # honest: noise cannot beat the class prior out of fold
+    # ...and it is exactly the cross-fitted stacker's output (temperature 1 only renormalises the inputs).
+    np.testing.assert_allclose(oof, E.cross_fit_stacker(E._temper(stack, (1.0,) * 4), y, folds, 100.0))
+
+
+def test_nested_cv_refits_everything_without_the_scored_fold(monkeypatch):
+    stack, y, folds = synthetic_stack(n=150, seed=7, n_folds=3)
+    index = _row_index(stack)
+    fit = E.fit_ensemble
+    trained = []
+
+    def spy(method, s, yy, ff, **kw):
+        trained.append({index[s[:, i].tobytes()] for i in range(s.shape[1])})
+        return fit(method, s, yy, ff, **kw)
+
+    monkeypatch.setattr(E, "fit_ensemble", spy)
+    out = E.nested_oof("stacking", stack, y, folds, temperature=True, clip=True, stacking_c=1.0)
+    assert out.shape == (150, K)
+    assert [rows for rows in trained] == [set(np.flatnonzero(folds != k)) for k in range(3)]
+
+
+def test_stacking_needs_folds():
+    stack, y, _ = synthetic_stack(n=50)
+    with pytest.raises(ValueError, match="two folds"):
+        E.cross_fit_stacker(stack, y, np.zeros(50, dtype=int), 1.0)
+    assert E.nested_oof("stacking", stack, y, np.arange(50) % 2, temperature=False, clip=False) is None
+
+
+# -------------------------------------------------------------------------------------------------- stage
+
+
+def _cfg(**changes):
+    base = {"method": "weighted", "temperature": True, "clip": True, "prior": "train", "stacking_c": 1.0}
+    return config.Ensemble(**{**base, **changes})
+
+
+def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
+    paths, _ = write_inputs(tmp_path)
+    report = E.run(paths, tuple(MODELS), _cfg())
+
+    oof = pd.read_csv(Path(paths.ensemble) / "oof.csv")
+    assert list(oof.columns) == ["id", "fold", *FISH_CLASSES] and len(oof) == 240
+    for name, n in (("test_stg1", 40), ("test_stg2", 40)):
+        test = pd.read_csv(Path(paths.ensemble) / f"{name}.csv")
+        assert list(test.columns) == ["id", *FISH_CLASSES] and len(test) == n
+        np.testing.assert_allclose(test[list(FISH_CLASSES)].sum(axis=1), 1.0)
+    assert (Path(paths.figures) / "ensemble" / "reliability.png").stat().st_size > 1000
+
+    metrics = json.loads(Path(paths.metrics).read_text())
+    assert set(metrics["cv_logloss"]) == {*MODELS, "ensemble"}
+    assert set(metrics["methods"]) == set(E.METHODS) and metrics["method"] == "weighted"
+    assert metrics["cv_logloss"]["ensemble"] == metrics["methods"]["weighted"]
+    assert metrics["cv_logloss"]["ensemble"] <= min(metrics["cv_logloss"][bb] for bb in MODELS)
+    assert set(metrics["cv_accuracy"]) == {*MODELS, "ensemble"}
+
+    saved = json.loads(Path(paths.ensemble_report).read_text())
+    assert saved["mlflow_run_id"] is None and saved["chosen"]["method"] == "weighted"
+    assert set(saved["results"]) == {*(f"model:{bb}" for bb in MODELS), *E.METHODS}
+    assert (
+        "in-sample" in saved["results"]["weighted"]["fit"]
+        and "cross-fitted" in saved["results"]["stacking"]["fit"]
+    )
+    row = saved["results"]["weighted"]
+    assert row["oof_logloss_temperature_clip"] <= row["oof_logloss_temperature"] + 1e-12
+    assert set(row["weights"]) == set(MODELS) and sum(row["weights"].values()) == pytest.approx(1.0)
+    assert report["table"].count("\n") >= len(MODELS) + len(E.METHODS)
+    # The written OOF file is the chosen method's OOF predictions, as scored.
+    y = E.train_labels(paths.manifest, oof["id"].to_numpy())
+    assert kaggle_log_loss(y, oof[list(FISH_CLASSES)].to_numpy()) == pytest.approx(
+        row["oof_logloss"], rel=1e-6
+    )
+
+
+def test_prior_correction_changes_test_predictions_only(tmp_path):
+    paths, _ = write_inputs(tmp_path)
+    E.run(paths, tuple(MODELS), _cfg(method="mean"))
+    before = {n: pd.read_csv(Path(paths.ensemble) / f"{n}.csv") for n in ("oof", "test_stg2")}
+    E.run(paths, tuple(MODELS), _cfg(method="mean", prior="uniform"))
+    after = {n: pd.read_csv(Path(paths.ensemble) / f"{n}.csv") for n in ("oof", "test_stg2")}
+    pd.testing.assert_frame_equal(before["oof"], after["oof"])
+    cols = list(FISH_CLASSES)
+    # A uniform target raises the rare classes (LAG: 1.8 % of train) relative to ALB (45 %).
+    ratio = lambda t: (t["LAG"] / t["ALB"]).to_numpy()  # noqa: E731
+    assert np.all(ratio(after["test_stg2"]) > ratio(before["test_stg2"]))
+    np.testing.assert_allclose(after["test_stg2"][cols].sum(axis=1), 1.0)
+
+
+def test_inputs_that_disagree_are_refused(tmp_path):
+    paths, _ = write_inputs(tmp_path)
+    oof_file = Path(paths.predictions) / "resnet50" / "oof.csv"
+    oof = pd.read_csv(oof_file)
+    oof.loc[0, "fold"] = (oof.loc[0, "fold"] + 1) % 4
+    oof.to_csv(oof_file, index=False)
+    with pytest.raises(ValueError, match="different folds"):
+        E.read_predictions(paths.predictions, tuple(MODELS))
+    with pytest.raises(FileNotFoundError, match="run the train stage"):
+        E.read_predictions(paths.predictions, ("vgg16", "densenet"))
+
+
+def test_main_records_an_mlflow_run_and_its_id(tmp_path, monkeypatch):
+    paths, _ = write_inputs(tmp_path, backbones=("vgg16", "resnet50"), **{"ensemble.method": "stacking"})
+    monkeypatch.chdir(tmp_path)
+    E.main()
+    report = json.loads(Path(paths.ensemble_report).read_text())
+    run_id = report["mlflow_run_id"]
+    assert run_id
+    import mlflow
+
+    from pipeline import tracking
+
+    run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    assert run.info.run_name.startswith("ensemble")
+    assert run.data.params["ensemble.method"] == "stacking"
+    assert run.data.metrics["oof_logloss.chosen"] == pytest.approx(report["chosen"]["oof_logloss"])
+    assert "oof_logloss.stacking" in run.data.metrics and "oof_logloss.model.vgg16" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking.tracking_uri()).list_artifacts(run_id)}
+    assert {"figures", "ensemble_report.json"} <= artifacts
