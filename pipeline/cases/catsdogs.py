@@ -412,8 +412,14 @@ def train_and_evaluate(
 def summarise(cfg: CatsDogsParams, data: Loaded, rows: dict, results: dict, score: np.ndarray) -> tuple:
     """The metrics JSON and the test ROC curve."""
     sizes = {f"n_{k}": len(v) for k, v in rows.items()}
-    summary = {"source": cfg.source, "backbone": cfg.backbone, "weights": cfg.weights, **sizes,
-               "n_quarantined": len(data.quarantined), **results}
+    summary = {
+        "source": cfg.source,
+        "backbone": cfg.backbone,
+        "weights": cfg.weights,
+        **sizes,
+        "n_quarantined": len(data.quarantined),
+        **results,
+    }
     curve = {f"{cfg.backbone} + head": (data.labels[rows["test"]], score)}
     return summary, common.roc_figure(curve, f"Cats vs dogs ({cfg.source}), test set, P(dog)")
 
@@ -434,9 +440,11 @@ def main(params_file: str = "params.yaml") -> dict:
         summary, figure = summarise(cfg, data, rows, results, score)
         common.report(summary, {"roc_curve.png": figure}, cfg.reports)
         tracking.log_artifact(Path(cfg.reports) / "quarantine.json")
-    print(f"catsdogs ({cfg.source}, {cfg.backbone}, weights {cfg.weights}): test accuracy "
-          f"{results['test_accuracy']:.4f} (chance {results['chance_accuracy']:.4f}), "
-          f"AUC {results['test_roc_auc']:.4f}")
+    print(
+        f"catsdogs ({cfg.source}, {cfg.backbone}, weights {cfg.weights}): test accuracy "
+        f"{results['test_accuracy']:.4f} (chance {results['chance_accuracy']:.4f}), "
+        f"AUC {results['test_roc_auc']:.4f}"
+    )
     return summary
 
 

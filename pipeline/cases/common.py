@@ -94,7 +94,9 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) 
         fpr, tpr, _ = roc_curve(y_true, score)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true, score):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    # Limits a little past [0, 1] so that a perfect curve, which runs along the axes, stays visible.
+    lim = (-0.01, 1.01)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=lim, ylim=lim)
     ax.legend(loc="lower right")
     return fig
 
