@@ -34,11 +34,24 @@ def make_jpegs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (320
         img = np.full((h, w, 3), rng.integers(60, 200, 3), dtype=np.uint8)
         for _ in range(6):
             p1, p2 = rng.integers(0, w, 2), rng.integers(0, h, 2)
-            cv2.line(img, (int(p1[0]), int(p2[0])), (int(p1[1]), int(p2[1])), rng.integers(0, 255, 3).tolist(),
-                     max(1, w // 100))
+            cv2.line(
+                img,
+                (int(p1[0]), int(p2[0])),
+                (int(p1[1]), int(p2[1])),
+                rng.integers(0, 255, 3).tolist(),
+                max(1, w // 100),
+            )
         centre = (int(rng.integers(w // 8, w - w // 8)), int(rng.integers(h // 6, h - h // 6)))
-        cv2.ellipse(img, centre, (w // 8, w // 26), float(rng.uniform(0, 180)), 0, 360,
-                    rng.integers(0, 255, 3).tolist(), -1)
+        cv2.ellipse(
+            img,
+            centre,
+            (w // 8, w // 26),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            rng.integers(0, 255, 3).tolist(),
+            -1,
+        )
         img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
         path = folder / f"img_{i:05d}.jpg"
         cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -84,13 +97,34 @@ def run(quick: bool = False) -> list[dict]:
         big_ours, big_base = race(make_jpegs(Path(tmp) / "big", n_big, size=(1280, 720)), workers, repeats)
     note = f"{n} JPEGs 320x240 -> {SIZE}px, best of {repeats}, ingest with {workers} worker processes"
     return [
-        {"key": "ingest_speedup", "value": round(ours / base, 2), "target": 1.2, "unit": "x",
-         "note": note + "; ours also hashes, checks and signs every file"},
-        {"key": "ingest_images_per_s", "value": round(ours, 1), "target": None, "unit": "img/s", "note": note},
-        {"key": "ingest_baseline_images_per_s", "value": round(base, 1), "target": None, "unit": "img/s",
-         "note": "single-process cv2.imread + cv2.resize, same files"},
-        {"key": "ingest_speedup_1280x720", "value": round(big_ours / big_base, 2), "target": 2.0, "unit": "x",
-         "note": f"{n_big} JPEGs 1280x720 (the real cameras' commonest size) -> {SIZE}px, same race"},
+        {
+            "key": "ingest_speedup",
+            "value": round(ours / base, 2),
+            "target": 1.2,
+            "unit": "x",
+            "note": note + "; ours also hashes, checks and signs every file",
+        },
+        {
+            "key": "ingest_images_per_s",
+            "value": round(ours, 1),
+            "target": None,
+            "unit": "img/s",
+            "note": note,
+        },
+        {
+            "key": "ingest_baseline_images_per_s",
+            "value": round(base, 1),
+            "target": None,
+            "unit": "img/s",
+            "note": "single-process cv2.imread + cv2.resize, same files",
+        },
+        {
+            "key": "ingest_speedup_1280x720",
+            "value": round(big_ours / big_base, 2),
+            "target": 2.0,
+            "unit": "x",
+            "note": f"{n_big} JPEGs 1280x720 (the real cameras' commonest size) -> {SIZE}px, same race",
+        },
     ]
 
 

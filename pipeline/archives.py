@@ -96,9 +96,9 @@ class _Budget:
         self.used += n
         if self.used > self.max_bytes:
             raise ArchiveError(
-                f"{self.archive.name} unpacked past ingest.max_archive_bytes={self.max_bytes:,} while extracting "
-                "(its headers understate the size: a zip bomb or a damaged file). If the archive is genuine, "
-                "raise the cap in params.yaml; otherwise download it again."
+                f"{self.archive.name} unpacked past ingest.max_archive_bytes={self.max_bytes:,} while "
+                "extracting (its headers understate the size: a zip bomb or a damaged file). "
+                "If the archive is genuine, raise the cap in params.yaml; otherwise download it again."
             )
 
 
@@ -110,8 +110,9 @@ def _check_caps(archive: Path, n_entries: int, declared: int, max_bytes: int, ma
         )
     if declared > max_bytes:
         raise ArchiveError(
-            f"{archive} would unpack to {declared:,} bytes, more than ingest.max_archive_bytes={max_bytes:,}; "
-            "not extracted. If the archive is genuine, raise the cap in params.yaml."
+            f"{archive} would unpack to {declared:,} bytes, more than "
+            f"ingest.max_archive_bytes={max_bytes:,}; not extracted. "
+            "If the archive is genuine, raise the cap in params.yaml."
         )
 
 
@@ -250,13 +251,19 @@ def _extract_7z(archive: Path, dest: Path, result: Extraction, max_bytes: int, m
                 "if the archive is genuine, raise the cap in params.yaml"
             ) from exc
         except Exception as exc:  # py7zr raises a zoo of types for damaged archives
-            raise ArchiveError(f"{archive} could not be extracted ({type(exc).__name__}: {exc}); "
-                               "download it again") from exc
+            raise ArchiveError(
+                f"{archive} could not be extracted ({type(exc).__name__}: {exc}); download it again"
+            ) from exc
 
 
 def _stamp_key(archive: Path, max_bytes: int, max_entries: int) -> dict:
     st = archive.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "max_bytes": max_bytes, "max_entries": max_entries}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "max_bytes": max_bytes,
+        "max_entries": max_entries,
+    }
 
 
 def extract(archive: Path, dest: Path, max_bytes: int, max_entries: int) -> Extraction:

@@ -117,13 +117,18 @@ def to_rgb(img: np.ndarray) -> tuple[np.ndarray | None, str, str | None]:
 
 
 REDUCED = {
-    (2, 3): cv2.IMREAD_REDUCED_COLOR_2, (4, 3): cv2.IMREAD_REDUCED_COLOR_4, (8, 3): cv2.IMREAD_REDUCED_COLOR_8,
-    (2, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2, (4, 1): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (2, 3): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, 3): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, 3): cv2.IMREAD_REDUCED_COLOR_8,
+    (2, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, 1): cv2.IMREAD_REDUCED_GRAYSCALE_4,
     (8, 1): cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
 
 
-def decode_bytes(data: bytes, size: int = 0, mode: str = "pad") -> tuple[np.ndarray | None, str, str | None, tuple]:
+def decode_bytes(
+    data: bytes, size: int = 0, mode: str = "pad"
+) -> tuple[np.ndarray | None, str, str | None, tuple]:
     """Decode file bytes to RGB uint8, at reduced scale for a large JPEG when `size` is given.
 
     Returns (rgb, conversion note, quarantine reason, (original width, original height)).
@@ -209,7 +214,9 @@ def _quiet_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def decode_all(paths: Iterable[str | Path], size: int, mode: str, hash_size: int, workers: int) -> Iterator[Decoded]:
+def decode_all(
+    paths: Iterable[str | Path], size: int, mode: str, hash_size: int, workers: int
+) -> Iterator[Decoded]:
     """Decode every path, in order, with `workers` processes (1: in this process)."""
     tasks = [(i, str(p), size, mode, hash_size) for i, p in enumerate(paths)]
     if workers <= 1 or len(tasks) < 2:

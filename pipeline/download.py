@@ -85,18 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         got = download(target, force="--force" in argv)
     except ImportError:
-        print(instructions(target, "the kaggle package is not installed; install it with "
-                                   "`.venv/bin/python -m pip install -e '.[kaggle]'` (make download does)"),
-              file=sys.stderr)
+        print(
+            instructions(
+                target,
+                "the kaggle package is not installed; install it with "
+                "`.venv/bin/python -m pip install -e '.[kaggle]'` (make download does)",
+            ),
+            file=sys.stderr,
+        )
         return 2
     except (SystemExit, Exception) as exc:  # the client raises HTTP errors of its own types
         text = str(exc)
-        problem = ("Kaggle refused the download (403): accept the competition rules first" if "403" in text
-                   else "Kaggle rejected the credentials (401)" if "401" in text
-                   else f"the download failed: {type(exc).__name__}: {text}")
+        problem = (
+            "Kaggle refused the download (403): accept the competition rules first"
+            if "403" in text
+            else "Kaggle rejected the credentials (401)"
+            if "401" in text
+            else f"the download failed: {type(exc).__name__}: {text}"
+        )
         print(instructions(target, problem), file=sys.stderr)
         return 1
-    print(f"downloaded {len(got)} files into {target}; set data.source: kaggle in params.yaml and run make repro")
+    print(
+        f"downloaded {len(got)} files into {target}; "
+        "set data.source: kaggle in params.yaml and run make repro"
+    )
     return 0
 
 

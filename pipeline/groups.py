@@ -49,7 +49,9 @@ def layout(small: np.ndarray) -> np.ndarray:
     """Unit-norm, zero-mean LAYOUT x LAYOUT map of edge strength (where the deck's lines are), from a grey
     frame WORK_WIDTH pixels wide."""
     small = cv2.equalizeHist(small).astype(np.float32)  # night vision: dim and flat, same lines
-    mag = cv2.magnitude(cv2.Sobel(small, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(small, cv2.CV_32F, 0, 1, ksize=3))
+    mag = cv2.magnitude(
+        cv2.Sobel(small, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(small, cv2.CV_32F, 0, 1, ksize=3)
+    )
     vec = cv2.resize(mag, (LAYOUT, LAYOUT), interpolation=cv2.INTER_AREA).reshape(-1)
     vec -= vec.mean()
     return (vec / max(float(np.linalg.norm(vec)), 1e-6)).astype(np.float32)
@@ -117,7 +119,9 @@ def summarise_groups(groups: np.ndarray, splits: np.ndarray, widths, heights) ->
     groups, splits = np.asarray(groups), np.asarray(splits)
     sizes = Counter(groups.tolist())
     by_size: dict[str, set] = defaultdict(set)
-    for g, w, h in zip(groups.tolist(), np.asarray(widths).tolist(), np.asarray(heights).tolist(), strict=True):
+    for g, w, h in zip(
+        groups.tolist(), np.asarray(widths).tolist(), np.asarray(heights).tolist(), strict=True
+    ):
         by_size[f"{w}x{h}"].add(g)
     split_sets = {s: set(groups[splits == s].tolist()) for s in np.unique(splits)}
     train = split_sets.get("train", set())
@@ -154,7 +158,12 @@ def _hamming_block(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def near_pairs(
-    dh: np.ndarray, ah: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_bits: int, same_set: bool,
+    dh: np.ndarray,
+    ah: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    max_bits: int,
+    same_set: bool,
     labels: np.ndarray | None = None,
 ) -> tuple[int, int, np.ndarray]:
     """Count pairs (r, c) whose dHash and aHash both differ by at most `max_bits`.
@@ -180,7 +189,12 @@ def near_pairs(
 
 
 def duplicates(
-    ids: np.ndarray, splits: np.ndarray, labels: np.ndarray, sha1: np.ndarray, dh: np.ndarray, ah: np.ndarray,
+    ids: np.ndarray,
+    splits: np.ndarray,
+    labels: np.ndarray,
+    sha1: np.ndarray,
+    dh: np.ndarray,
+    ah: np.ndarray,
     max_bits: int,
 ) -> dict:
     """Exact (same bytes) and near (hashes within `max_bits`) duplicates within train and train-vs-test."""
@@ -204,11 +218,18 @@ def duplicates(
     n_tt, diff_label, ex_tt = near_pairs(dh, ah, train, train, max_bits, same_set=True, labels=labels)
     n_tx, _, ex_tx = near_pairs(dh, ah, train, test, max_bits, same_set=False) if len(test) else (0, 0, [])
     return {
-        "exact_within_train": {"pairs": len(exact_train), "different_label": int(exact_train_labels),
-                               "examples": named(exact_train)},
+        "exact_within_train": {
+            "pairs": len(exact_train),
+            "different_label": int(exact_train_labels),
+            "examples": named(exact_train),
+        },
         "exact_train_test": {"pairs": len(exact_cross), "examples": named(exact_cross)},
-        "near_within_train": {"pairs": n_tt, "different_label": diff_label,
-                              "examples": named(ex_tt), "max_bits": max_bits},
+        "near_within_train": {
+            "pairs": n_tt,
+            "different_label": diff_label,
+            "examples": named(ex_tt),
+            "max_bits": max_bits,
+        },
         "near_train_test": {"pairs": n_tx, "examples": named(ex_tx), "max_bits": max_bits},
     }
 
@@ -216,8 +237,15 @@ def duplicates(
 # ------------------------------------------------------------------------------------------ figure
 
 
-def plot_groups(images: np.ndarray, groups: np.ndarray, widths, heights, max_groups: int = 12,
-                per_group: int = 6, seed: int = 0):
+def plot_groups(
+    images: np.ndarray,
+    groups: np.ndarray,
+    widths,
+    heights,
+    max_groups: int = 12,
+    per_group: int = 6,
+    seed: int = 0,
+):
     """A grid: one row per group (largest first), a few frames each, from the resized image cache."""
     import matplotlib
 
@@ -227,7 +255,9 @@ def plot_groups(images: np.ndarray, groups: np.ndarray, widths, heights, max_gro
     rng = np.random.default_rng(seed)
     counts = Counter(np.asarray(groups).tolist())
     shown = sorted(counts, key=lambda g: -counts[g])[:max_groups]
-    fig, axes = plt.subplots(len(shown), per_group, figsize=(1.6 * per_group, 1.7 * len(shown)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(shown), per_group, figsize=(1.6 * per_group, 1.7 * len(shown)), squeeze=False
+    )
     for row, g in enumerate(shown):
         members = np.flatnonzero(groups == g)
         pick = np.sort(rng.choice(members, min(per_group, len(members)), replace=False))
@@ -237,8 +267,9 @@ def plot_groups(images: np.ndarray, groups: np.ndarray, widths, heights, max_gro
             if col < len(pick):
                 ax.imshow(images[pick[col]])
         first = members[0]
-        axes[row, 0].set_title(f"group {g}: {counts[g]} frames, {widths[first]}x{heights[first]}",
-                               fontsize=7, loc="left")
+        axes[row, 0].set_title(
+            f"group {g}: {counts[g]} frames, {widths[first]}x{heights[first]}", fontsize=7, loc="left"
+        )
     fig.suptitle("Boat groups (largest first), sample frames", fontsize=9)
     fig.tight_layout()
     return fig

@@ -49,8 +49,12 @@ def _rel(path: Path, root: Path) -> str:
 def locate(data: config.Data, ingest: config.Ingest, paths: config.Paths, root: Path) -> Sources:
     if data.source == "demo":
         return locate_demo(root / data.demo_dir)
-    return locate_kaggle(root / data.kaggle_dir, root / paths.interim / "extracted",
-                         ingest.max_archive_bytes, ingest.max_archive_entries)
+    return locate_kaggle(
+        root / data.kaggle_dir,
+        root / paths.interim / "extracted",
+        ingest.max_archive_bytes,
+        ingest.max_archive_entries,
+    )
 
 
 def decode_into(cands, images_path: Path, size: int, ingest: config.Ingest):
@@ -64,8 +68,9 @@ def decode_into(cands, images_path: Path, size: int, ingest: config.Ingest):
     buf = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(cands), size, size, 3))
     valid, bad = [], []
     try:
-        stream = decode_all([c.path for c in cands], size, ingest.resize, ingest.group_hash_size,
-                            ingest.workers)
+        stream = decode_all(
+            [c.path for c in cands], size, ingest.resize, ingest.group_hash_size, ingest.workers
+        )
         for res in tqdm(stream, total=len(cands), desc="decode", unit="img", mininterval=1.0):
             if res.reason:
                 bad.append(res)
@@ -80,8 +85,9 @@ def decode_into(cands, images_path: Path, size: int, ingest: config.Ingest):
                 del buf
                 os.replace(tmp, out)
             else:
-                final = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8,
-                                                  shape=(len(valid), size, size, 3))
+                final = np.lib.format.open_memmap(
+                    out, mode="w+", dtype=np.uint8, shape=(len(valid), size, size, 3)
+                )
                 for start in range(0, len(valid), 1024):
                     stop = min(start + 1024, len(valid))
                     final[start:stop] = buf[start:stop]
@@ -97,9 +103,19 @@ def build_manifest(cands, valid, root: Path, true_boats: dict[str, str]) -> pd.D
     rows = []
     for res in valid:
         c = cands[res.index]
-        rows.append({"id": c.id, "split": c.split, "path": _rel(c.path, root), "label": c.label,
-                     "width": res.width, "height": res.height, "group": -1, "sha1": res.sha1,
-                     "true_boat": true_boats.get(c.id, "")})
+        rows.append(
+            {
+                "id": c.id,
+                "split": c.split,
+                "path": _rel(c.path, root),
+                "label": c.label,
+                "width": res.width,
+                "height": res.height,
+                "group": -1,
+                "sha1": res.sha1,
+                "true_boat": true_boats.get(c.id, ""),
+            }
+        )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
@@ -108,16 +124,21 @@ def check_decoded(manifest: pd.DataFrame, sources: Sources) -> None:
     counts = Counter(manifest.loc[manifest.split == "train", "label"])
     empty = [c for c in FISH_CLASSES if counts[c] == 0]
     if empty:
-        raise IngestError(f"no valid training image left for class(es) {empty} in {sources.dirs['train']}; "
-                          "see the quarantine list in reports/ingest_report.json")
+        raise IngestError(
+            f"no valid training image left for class(es) {empty} in {sources.dirs['train']}; "
+            "see the quarantine list in reports/ingest_report.json"
+        )
     for split in ("test_stg1", "test_stg2"):
         if not (manifest.split == split).any():
-            raise IngestError(f"no valid image in the test set {sources.dirs[split]}; see the quarantine list "
-                              "in reports/ingest_report.json")
+            raise IngestError(
+                f"no valid image in the test set {sources.dirs[split]}; see the quarantine list "
+                "in reports/ingest_report.json"
+            )
 
 
-def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_size: int,
-        root: Path | str = ".") -> dict:
+def run(
+    paths: config.Paths, data: config.Data, ingest: config.Ingest, image_size: int, root: Path | str = "."
+) -> dict:
     """The whole stage on the repository (or test folder) `root`; returns the report it wrote."""
     root = Path(root)
     t0 = time.perf_counter()
@@ -135,8 +156,15 @@ def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_siz
     t1 = time.perf_counter()
     valid, bad = decode_into(cands, root / paths.images, image_size, ingest)
     t_decode = time.perf_counter() - t1
-    quarantine += [{"id": cands[r.index].id, "path": _rel(cands[r.index].path, root),
-                    "split": cands[r.index].split, "reason": r.reason} for r in bad]
+    quarantine += [
+        {
+            "id": cands[r.index].id,
+            "path": _rel(cands[r.index].path, root),
+            "split": cands[r.index].split,
+            "reason": r.reason,
+        }
+        for r in bad
+    ]
     manifest = build_manifest(cands, valid, root, true_boats)
 
     report = {
@@ -145,17 +173,27 @@ def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_siz
         "image_size": image_size,
         "resize": ingest.resize,
         "counts": {s: int((manifest.split == s).sum()) for s in ("train", "test_stg1", "test_stg2")},
-        "classes": {c: int(((manifest.split == "train") & (manifest.label == c)).sum()) for c in FISH_CLASSES},
+        "classes": {
+            c: int(((manifest.split == "train") & (manifest.label == c)).sum()) for c in FISH_CLASSES
+        },
         "quarantined": len(quarantine),
         "quarantine": quarantine,
+        # Test images that have a sample-submission row but no pixels: submit must still predict them.
+        "quarantined_test_ids": [q["id"] for q in quarantine if q["split"] != "train" and "id" in q],
         "converted": dict(Counter(r.converted for r in valid if r.converted)),
-        "original_sizes": {f"{w}x{h}": n for (w, h), n in
-                           Counter(zip(manifest.width, manifest.height, strict=True)).most_common()},
-        "archives": [{"archive": _rel(Path(e.archive), root), "files": e.files, "bytes": e.bytes}
-                     for e in sources.extractions],
+        "original_sizes": {
+            f"{w}x{h}": n
+            for (w, h), n in Counter(zip(manifest.width, manifest.height, strict=True)).most_common()
+        },
+        "archives": [
+            {"archive": _rel(Path(e.archive), root), "files": e.files, "bytes": e.bytes}
+            for e in sources.extractions
+        ],
         "refused_entries": [r for e in sources.extractions for r in e.refused],
-        "ignored": {"count": len(ignored) + sum(len(e.ignored) for e in sources.extractions),
-                    "examples": (ignored + [i for e in sources.extractions for i in e.ignored])[:20]},
+        "ignored": {
+            "count": len(ignored) + sum(len(e.ignored) for e in sources.extractions),
+            "examples": (ignored + [i for e in sources.extractions for i in e.ignored])[:20],
+        },
     }
     try:
         check_decoded(manifest, sources)
@@ -165,17 +203,27 @@ def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_siz
 
     t2 = time.perf_counter()
     sig = {k: np.stack([r.sig[k] for r in valid]) for k in ("layout", "dhash", "ahash")}
-    manifest["group"] = groups.assign_groups(manifest.width.to_numpy(), manifest.height.to_numpy(),
-                                             sig["layout"], ingest.group_threshold)
-    report["groups"] = groups.summarise_groups(manifest.group.to_numpy(), manifest.split.to_numpy(),
-                                               manifest.width.to_numpy(), manifest.height.to_numpy())
-    report["duplicates"] = groups.duplicates(manifest.id.to_numpy(), manifest.split.to_numpy(),
-                                             manifest.label.to_numpy(), manifest.sha1.to_numpy(),
-                                             sig["dhash"], sig["ahash"], ingest.near_duplicate_bits)
-    known = manifest.true_boat != ""
+    manifest["group"] = groups.assign_groups(
+        manifest.width.to_numpy(), manifest.height.to_numpy(), sig["layout"], ingest.group_threshold
+    )
+    report["groups"] = groups.summarise_groups(
+        manifest.group.to_numpy(),
+        manifest.split.to_numpy(),
+        manifest.width.to_numpy(),
+        manifest.height.to_numpy(),
+    )
+    report["duplicates"] = groups.duplicates(
+        manifest.id.to_numpy(),
+        manifest.split.to_numpy(),
+        manifest.label.to_numpy(),
+        manifest.sha1.to_numpy(),
+        sig["dhash"],
+        sig["ahash"],
+        ingest.near_duplicate_bits,
+    )
+    known = manifest.true_boat != ""  # the demo knows every frame's boat; Kaggle's download knows none
     report["ari_vs_true_boats"] = (
-        groups.agreement(manifest.group[known], manifest.true_boat[known]) if known.all() and len(manifest)
-        else None
+        groups.agreement(manifest.group[known], manifest.true_boat[known]) if known.any() else None
     )
     t_groups = time.perf_counter() - t2
 
@@ -184,11 +232,16 @@ def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_siz
     write_csv(root / paths.sample_stg2, samples["stg2"])
     write_csv(root / paths.solution, solution)
     images = np.load(root / paths.images, mmap_mode="r")
-    fig = groups.plot_groups(images, manifest.group.to_numpy(), manifest.width.to_numpy(),
-                             manifest.height.to_numpy())
+    fig = groups.plot_groups(
+        images, manifest.group.to_numpy(), manifest.width.to_numpy(), manifest.height.to_numpy()
+    )
     save_figure(fig, root / paths.figures / "groups.png")
-    report["seconds"] = {"extract": round(t_extract, 2), "decode": round(t_decode, 2),
-                         "groups": round(t_groups, 2), "total": round(time.perf_counter() - t0, 2)}
+    report["seconds"] = {
+        "extract": round(t_extract, 2),
+        "decode": round(t_decode, 2),
+        "groups": round(t_groups, 2),
+        "total": round(time.perf_counter() - t0, 2),
+    }
     report["images_per_second"] = round(len(cands) / max(t_decode, 1e-9), 1)
     write_json(report_path, report)
     return report
@@ -197,15 +250,21 @@ def run(paths: config.Paths, data: config.Data, ingest: config.Ingest, image_siz
 def main() -> None:
     raw = config.read_params()
     try:
-        report = run(config.load_section("paths", raw), config.load_section("data", raw),
-                     config.load_section("ingest", raw), config.load_section("model", raw).image_size)
+        report = run(
+            config.load_section("paths", raw),
+            config.load_section("data", raw),
+            config.load_section("ingest", raw),
+            config.load_section("model", raw).image_size,
+        )
     except IngestError as exc:
         sys.exit(f"ingest: {exc}")
     g, ari = report["groups"], report["ari_vs_true_boats"]
-    print(f"ingest: {report['counts']} images, {report['quarantined']} quarantined, "
-          f"{len(report['refused_entries'])} archive entries refused, {g['n_groups']} boat groups"
-          + (f", ARI vs true boats {ari:.3f}" if ari is not None else "")
-          + f", {report['seconds']['total']} s ({report['images_per_second']} img/s decoding)")
+    print(
+        f"ingest: {report['counts']} images, {report['quarantined']} quarantined, "
+        f"{len(report['refused_entries'])} archive entries refused, {g['n_groups']} boat groups"
+        + (f", ARI vs true boats {ari:.3f}" if ari is not None else "")
+        + f", {report['seconds']['total']} s ({report['images_per_second']} img/s decoding)"
+    )
 
 
 if __name__ == "__main__":

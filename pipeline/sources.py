@@ -112,8 +112,8 @@ def locate_kaggle(kaggle_dir: Path, extract_root: Path, max_bytes: int, max_entr
         raise IngestError(
             f"the Kaggle download in {kaggle_dir.resolve()} is incomplete; missing: "
             + "; ".join(missing)
-            + f". Put the competition files there: run `make download` (needs a Kaggle API token), or download "
-            f"them from {COMPETITION_URL}/data after accepting the competition rules. "
+            + ". Put the competition files there: run `make download` (needs a Kaggle API token), "
+            f"or download them from {COMPETITION_URL}/data after accepting the competition rules. "
             "To run offline instead, set data.source: demo in params.yaml."
         )
     solution = kaggle_dir / "solution.csv"
@@ -168,21 +168,28 @@ def list_candidates(dirs: dict[str, Path]) -> tuple[list[Candidate], list[dict],
     for cls in FISH_CLASSES:
         files, subdirs, junk = _files(present[cls])
         ignored += [str(p) for p in junk]
-        quarantine += [{"path": str(p), "split": "train", "reason": "folder inside a class folder"} for p in subdirs]
+        quarantine += [
+            {"path": str(p), "split": "train", "reason": "folder inside a class folder"} for p in subdirs
+        ]
         cands += [Candidate(p.name, "train", cls, p) for p in files]
     for split in ("test_stg1", "test_stg2"):
         files, subdirs, junk = _files(dirs[split])
         ignored += [str(p) for p in junk]
-        quarantine += [{"path": str(p), "split": split, "reason": "folder inside the test folder"} for p in subdirs]
+        quarantine += [
+            {"path": str(p), "split": split, "reason": "folder inside the test folder"} for p in subdirs
+        ]
         if not files:
-            raise IngestError(f"the test set {dirs[split]} is empty: check that the {split} archive or folder "
-                              "is complete")
+            raise IngestError(
+                f"the test set {dirs[split]} is empty: check that the {split} archive or folder is complete"
+            )
         prefix = "test_stg2/" if split == "test_stg2" else ""  # Kaggle's stage-2 submission names
         cands += [Candidate(prefix + p.name, split, "", p) for p in files]
     seen: dict[str, Path] = {}
     for c in cands:
         if c.id in seen:
-            raise IngestError(f"two files share the id {c.id!r}: {seen[c.id]} and {c.path}; ids must be unique")
+            raise IngestError(
+                f"two files share the id {c.id!r}: {seen[c.id]} and {c.path}; ids must be unique"
+            )
         seen[c.id] = c.path
     return cands, quarantine, ignored
 
@@ -196,8 +203,10 @@ def read_sample(path: Path) -> pd.DataFrame:
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in ("image", *FISH_CLASSES) if c not in frame.columns]
     if missing:
-        raise IngestError(f"the sample submission {path} lacks column(s) {missing}; its header must be "
-                          f"image,{','.join(FISH_CLASSES)}")
+        raise IngestError(
+            f"the sample submission {path} lacks column(s) {missing}; its header must be "
+            f"image,{','.join(FISH_CLASSES)}"
+        )
     frame = frame[["image", *FISH_CLASSES]].copy()
     frame["image"] = frame["image"].astype(str).str.strip()
     dup = frame["image"][frame["image"].duplicated()].tolist()
@@ -217,7 +226,8 @@ def check_sample(sample: pd.DataFrame, expected: set[str], path: Path, where: st
         if lacking:
             parts.append(f"{len(lacking)} test image(s) without a row (e.g. {lacking[:3]})")
         raise IngestError(
-            f"the sample submission {path} does not match the test images in {where}: " + "; ".join(parts)
+            f"the sample submission {path} does not match the test images in {where}: "
+            + "; ".join(parts)
             + ". Use the sample submission and test archive of the same Kaggle download."
         )
 
@@ -229,8 +239,12 @@ def load_samples(sources: Sources, cands: list[Candidate]) -> dict[str, pd.DataF
     s1 = read_sample(sources.samples["stg1"])
     check_sample(s1, stg1, sources.samples["stg1"], str(sources.dirs["test_stg1"]))
     s2 = read_sample(sources.samples["stg2"])
-    check_sample(s2, stg1 | stg2, sources.samples["stg2"],
-                 f"{sources.dirs['test_stg1']} and {sources.dirs['test_stg2']}")
+    check_sample(
+        s2,
+        stg1 | stg2,
+        sources.samples["stg2"],
+        f"{sources.dirs['test_stg1']} and {sources.dirs['test_stg2']}",
+    )
     return {"stg1": s1, "stg2": s2}
 
 

@@ -72,8 +72,14 @@ def test_zip_refuses_escaping_entries_and_links_and_writes_nothing_outside(tmp_p
     absolute = tmp_path / f"abs_evil_{uuid.uuid4().hex}.jpg"
     arc = _zip(
         work / "train.zip",
-        {"train/ALB/img_1.jpg": b"one", "train/BET/img_2.jpg": b"two", "../evil.jpg": b"evil",
-         "train/../../evil2.jpg": b"evil", str(absolute): b"evil", "__MACOSX/train/._img_1.jpg": b"junk"},
+        {
+            "train/ALB/img_1.jpg": b"one",
+            "train/BET/img_2.jpg": b"two",
+            "../evil.jpg": b"evil",
+            "train/../../evil2.jpg": b"evil",
+            str(absolute): b"evil",
+            "__MACOSX/train/._img_1.jpg": b"junk",
+        },
         links={"train/ALB/link.jpg": "/etc/passwd"},
     )
     dest = work / "out" / "train"
@@ -93,9 +99,12 @@ def test_zip_refuses_escaping_entries_and_links_and_writes_nothing_outside(tmp_p
 
 
 def test_7z_refuses_escaping_entries_and_links(tmp_path):
-    arc = _7z(tmp_path / "test_stg2.7z", tmp_path / "src",
-              {"test_stg2/image_1.jpg": b"img", "../evil7z.jpg": b"evil"},
-              links={"test_stg2/link.jpg": "/etc/passwd"})
+    arc = _7z(
+        tmp_path / "test_stg2.7z",
+        tmp_path / "src",
+        {"test_stg2/image_1.jpg": b"img", "../evil7z.jpg": b"evil"},
+        links={"test_stg2/link.jpg": "/etc/passwd"},
+    )
     dest = tmp_path / "out" / "test_stg2"
     res = extract(arc, dest, BIG, 1000)
     assert _all_files(dest) == {"test_stg2/image_1.jpg", archives.STAMP}
@@ -107,8 +116,11 @@ def test_7z_refuses_escaping_entries_and_links(tmp_path):
 @pytest.mark.parametrize("kind", ["zip", "7z"])
 def test_caps_stop_an_archive_before_extracting(tmp_path, kind):
     entries = {f"train/ALB/img_{i}.jpg": b"x" * 1000 for i in range(5)}
-    arc = (_zip(tmp_path / "a.zip", entries) if kind == "zip"
-           else _7z(tmp_path / "a.7z", tmp_path / "src", entries))
+    arc = (
+        _zip(tmp_path / "a.zip", entries)
+        if kind == "zip"
+        else _7z(tmp_path / "a.7z", tmp_path / "src", entries)
+    )
     dest = tmp_path / "out"
     with pytest.raises(ArchiveError, match="max_archive_entries"):
         extract(arc, dest, BIG, 4)
@@ -122,8 +134,11 @@ def test_caps_stop_an_archive_before_extracting(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["zip", "7z"])
 def test_bytes_are_counted_while_extracting_when_headers_lie(tmp_path, kind, monkeypatch):
     entries = {f"train/ALB/img_{i}.jpg": os.urandom(50_000) for i in range(4)}
-    arc = (_zip(tmp_path / "a.zip", entries) if kind == "zip"
-           else _7z(tmp_path / "a.7z", tmp_path / "src", entries))
+    arc = (
+        _zip(tmp_path / "a.zip", entries)
+        if kind == "zip"
+        else _7z(tmp_path / "a.7z", tmp_path / "src", entries)
+    )
     # Pretend the declared sizes passed the check, as a crafted header would make them.
     monkeypatch.setattr(archives, "_check_caps", lambda *a, **k: None)
     # And switch off py7zr's own running total, so the count in our writer is what stops it.

@@ -32,8 +32,16 @@ def boat_frame(layout: np.ndarray, seed: int, night: bool = False) -> np.ndarray
     h, w = layout.shape[:2]
     img = np.roll(layout, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1)).copy()
     centre = (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10)))
-    cv2.ellipse(img, centre, (int(w * 0.12), int(h * 0.05)), float(rng.uniform(0, 180)), 0, 360,
-                rng.integers(0, 255, 3).tolist(), -1)
+    cv2.ellipse(
+        img,
+        centre,
+        (int(w * 0.12), int(h * 0.05)),
+        float(rng.uniform(0, 180)),
+        0,
+        360,
+        rng.integers(0, 255, 3).tolist(),
+        -1,
+    )
     img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
     if night:  # green, dim, flat: what the night-vision cameras record
         g = 0.55 * img.mean(axis=2) + 40
@@ -99,20 +107,25 @@ def test_large_buckets_are_sampled_and_still_grouped(monkeypatch):
 
 
 def test_agreement_ignores_label_names():
-    assert groups.agreement(np.array([0, 0, 1, 1, 2]), np.array(["b", "b", "a", "a", "c"])) == pytest.approx(1.0)
+    assert groups.agreement(np.array([0, 0, 1, 1, 2]), np.array(["b", "b", "a", "a", "c"])) == pytest.approx(
+        1.0
+    )
     assert groups.agreement(np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1])) < 0.5
 
 
 def test_near_pairs_match_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (6, 8), dtype=np.uint8)
-    dh = np.vstack([base, base ^ np.eye(1, 8, 0, dtype=np.uint8), rng.integers(0, 256, (6, 8), dtype=np.uint8)])
+    dh = np.vstack(
+        [base, base ^ np.eye(1, 8, 0, dtype=np.uint8), rng.integers(0, 256, (6, 8), dtype=np.uint8)]
+    )
     ah = dh.copy()
     n = len(dh)
     rows = cols = np.arange(n)
     total, _, examples = groups.near_pairs(dh, ah, rows, cols, 2, same_set=True)
-    brute = [(i, j) for i, j in itertools.combinations(range(n), 2)
-             if np.unpackbits(dh[i] ^ dh[j]).sum() <= 2]
+    brute = [
+        (i, j) for i, j in itertools.combinations(range(n), 2) if np.unpackbits(dh[i] ^ dh[j]).sum() <= 2
+    ]
     assert total == len(brute) >= 6
     assert {tuple(e) for e in examples.tolist()} <= set(brute)
 
@@ -128,7 +141,9 @@ def test_duplicates_exact_and_near_within_train_and_across():
     dh = np.stack([s["dhash"] for s in sigs] + [sigs[0]["dhash"]])
     ah = np.stack([s["ahash"] for s in sigs] + [sigs[0]["ahash"]])
     rep = groups.duplicates(ids, splits, labels, sha1, dh, ah, max_bits=64)  # every pair counts as near
-    assert rep["exact_within_train"]["pairs"] == 1 and rep["exact_within_train"]["examples"] == [["a.jpg", "b.jpg"]]
+    assert rep["exact_within_train"]["pairs"] == 1 and rep["exact_within_train"]["examples"] == [
+        ["a.jpg", "b.jpg"]
+    ]
     assert rep["exact_train_test"]["pairs"] == 2  # a and b both equal t1
     assert rep["near_within_train"]["pairs"] == 10  # 5 choose 2
     assert rep["near_within_train"]["different_label"] == 10 - 1  # only (a, b) share a label

@@ -47,8 +47,16 @@ def boat_frame(boat: int, seed: int, w: int, h: int, night: bool = False) -> np.
         cv2.rectangle(img, (x, y), (x + 25, y + 18), rng.integers(0, 90, 3).tolist(), -1)
     rng = np.random.default_rng(seed)
     img = np.roll(img, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
-    cv2.ellipse(img, (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))), (18, 6),
-                float(rng.uniform(0, 180)), 0, 360, rng.integers(0, 255, 3).tolist(), -1)
+    cv2.ellipse(
+        img,
+        (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))),
+        (18, 6),
+        float(rng.uniform(0, 180)),
+        0,
+        360,
+        rng.integers(0, 255, 3).tolist(),
+        -1,
+    )
     img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
     if night:
         g = 0.55 * img.mean(axis=2) + 40
@@ -133,8 +141,10 @@ def make_download(root: Path, form: str = "archives") -> Download:
         "train/YFT/img_00202.jpg": (b"this is a text file, not a photo\n", "not an image"),
         "train/OTHER/img_00203.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(3000) + b"\xff\xd9", "corrupt jpeg"),
     }
-    stg1 = {f"test_stg1/img_{300 + i:05d}.jpg": jpeg(boat_frame(i % 3, 300 + i, 160, 96 if i % 3 < 2 else 120))
-            for i in range(4)}
+    stg1 = {
+        f"test_stg1/img_{300 + i:05d}.jpg": jpeg(boat_frame(i % 3, 300 + i, 160, 96 if i % 3 < 2 else 120))
+        for i in range(4)
+    }
     stg1["test_stg1/img_00304.jpg"] = train["train/ALB/img_00001.jpg"]  # an exact duplicate of a train frame
     stg2 = {f"test_stg2/image_{i:05d}.jpg": jpeg(boat_frame(3, 400 + i, 200, 120)) for i in range(1, 5)}
     bad_stg2 = {"test_stg2/image_00005.jpg": (b"", "empty file")}
@@ -143,11 +153,18 @@ def make_download(root: Path, form: str = "archives") -> Download:
     all_train = {**train, **{k: v for k, (v, _) in bad_files.items()}}
     all_stg2 = {**stg2, **{k: v for k, (v, _) in bad_stg2.items()}}
     if form == "archives":
-        _write_zip(kdir / "train.zip", {**all_train, **junk, "../evil.jpg": b"evil", absolute: b"evil"},
-                   links={"train/ALB/img_00900.jpg": "/etc/passwd"})
+        _write_zip(
+            kdir / "train.zip",
+            {**all_train, **junk, "../evil.jpg": b"evil", absolute: b"evil"},
+            links={"train/ALB/img_00900.jpg": "/etc/passwd"},
+        )
         _write_zip(kdir / "test_stg1.zip", stg1)
-        _write_7z(kdir / "test_stg2.7z", root / "scratch", {**all_stg2, "../evil7z.jpg": b"evil"},
-                  links={"test_stg2/image_00900.jpg": "/etc/passwd"})
+        _write_7z(
+            kdir / "test_stg2.7z",
+            root / "scratch",
+            {**all_stg2, "../evil7z.jpg": b"evil"},
+            links={"test_stg2/image_00900.jpg": "/etc/passwd"},
+        )
     else:
         _write_folder(kdir, {**all_train, **stg1, **all_stg2})
     ids1 = [Path(k).name for k in stg1]
@@ -184,7 +201,9 @@ def test_kaggle_archives_end_to_end(tmp_path):
     paths, data, ing, size = sections()
     report = ingest.run(paths, data, ing, size, root=tmp_path)
 
-    manifest = pd.read_csv(tmp_path / paths.manifest, dtype={"label": str, "true_boat": str}, keep_default_na=False)
+    manifest = pd.read_csv(
+        tmp_path / paths.manifest, dtype={"label": str, "true_boat": str}, keep_default_na=False
+    )
     assert list(manifest.columns) == ingest.MANIFEST_COLUMNS
     expected_train = {Path(k).name: k.split("/")[1] for k in dl.train}
     train = manifest[manifest.split == "train"]
@@ -198,15 +217,20 @@ def test_kaggle_archives_end_to_end(tmp_path):
     images = np.load(tmp_path / paths.images, mmap_mode="r")
     assert images.shape == (len(manifest), SIZE, SIZE, 3) and images.dtype == np.uint8
     grey_row = images[manifest.index[manifest.id == "img_00100.jpg"][0]]
-    assert np.array_equal(grey_row[..., 0], grey_row[..., 1]) and np.array_equal(grey_row[..., 1], grey_row[..., 2])
+    assert np.array_equal(grey_row[..., 0], grey_row[..., 1]) and np.array_equal(
+        grey_row[..., 1], grey_row[..., 2]
+    )
     assert report["converted"] == {"grey": 1, "alpha": 1}
 
-    reasons = {Path(q["path"]).name if q["split"] != "test_stg2" else q["id"]: q["reason"]
-               for q in report["quarantine"]}
+    reasons = {
+        Path(q["path"]).name if q["split"] != "test_stg2" else q["id"]: q["reason"]
+        for q in report["quarantine"]
+    }
     assert set(reasons) == set(dl.bad)
     for name, fragment in dl.bad.items():
         assert fragment in reasons[name], (name, reasons[name])
     assert report["quarantined"] == len(dl.bad)
+    assert report["quarantined_test_ids"] == ["test_stg2/image_00005.jpg"]
 
     refused = {r["entry"] for r in report["refused_entries"]}
     assert {"../evil.jpg", "train/ALB/img_00900.jpg", "../evil7z.jpg", "test_stg2/image_00900.jpg"} <= refused
@@ -230,7 +254,9 @@ def test_kaggle_archives_end_to_end(tmp_path):
     assert on_disk["groups"]["n_groups"] >= 4 and on_disk["ari_vs_true_boats"] is None
     assert on_disk["ignored"]["count"] == 1
     assert (tmp_path / paths.figures / "groups.png").stat().st_size > 1000
-    assert not list((tmp_path / "data").rglob(".*.tmp*")) and not list((tmp_path / "data").rglob("*.decoding*"))
+    assert not list((tmp_path / "data").rglob(".*.tmp*")) and not list(
+        (tmp_path / "data").rglob("*.decoding*")
+    )
 
 
 def test_mixed_folders_plain_csv_and_a_user_solution(tmp_path):
@@ -239,14 +265,18 @@ def test_mixed_folders_plain_csv_and_a_user_solution(tmp_path):
     (dl.kaggle_dir / "test_stg1").rename(tmp_path / "stg1_folder")
     _write_zip(dl.kaggle_dir / "test_stg1.zip", dl.stg1)
     pd.DataFrame({"image": ["img_00300.jpg"], "label": ["ALB"], "stage": [1]}).to_csv(
-        dl.kaggle_dir / "solution.csv", index=False)
+        dl.kaggle_dir / "solution.csv", index=False
+    )
     paths, data, ing, size = sections(workers=1)
     report = ingest.run(paths, data, ing, size, root=tmp_path)
     assert report["counts"] == {"train": len(dl.train), "test_stg1": 5, "test_stg2": 4}
     assert report["inputs"]["train"] == "data/raw/kaggle/train"
     assert report["inputs"]["test_stg1"] == "data/raw/kaggle/test_stg1.zip"
     assert pd.read_csv(tmp_path / paths.solution).to_dict("list") == {
-        "image": ["img_00300.jpg"], "label": ["ALB"], "stage": [1]}
+        "image": ["img_00300.jpg"],
+        "label": ["ALB"],
+        "stage": [1],
+    }
     manifest = pd.read_csv(tmp_path / paths.manifest)
     assert manifest.path.iloc[0].startswith("data/raw/kaggle/train/")  # folders are read in place
 
@@ -295,7 +325,9 @@ def test_demo_source_reports_group_agreement(tmp_path):
     manifest = pd.read_csv(tmp_path / paths.manifest)
     assert len(manifest) == 40 and manifest.true_boat.notna().all()
     assert report["ari_vs_true_boats"] >= 0.8
-    assert report["groups"]["test_groups_seen_in_train"]["test_stg2"] == 0  # the new boat is a group of its own
+    assert (
+        report["groups"]["test_groups_seen_in_train"]["test_stg2"] == 0
+    )  # the new boat is a group of its own
     assert (tmp_path / paths.solution).read_text() == (demo / "solution.csv").read_text()
 
 
@@ -396,7 +428,7 @@ def test_decode_bytes_reasons_and_conversions():
     flat = np.zeros((16, 16, 3), np.uint8)
     flat[:] = (30, 120, 220)  # BGR, as cv2 writes it
     assert np.abs(decode_bytes(jpeg(flat))[0][8, 8].astype(int) - [220, 120, 30]).max() <= 3  # RGB order
-    grey16 = (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+    grey16 = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
     rgb, note, reason, _ = decode_bytes(png(grey16))
     assert reason is None and note == "16bit+grey" and rgb.shape == (96, 160, 3) and rgb.dtype == np.uint8
 
@@ -454,8 +486,14 @@ def _project(tmp_path: Path, source: str) -> None:
 
 def _module(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "HOME": str(cwd)}
-    return subprocess.run([sys.executable, "-m", name], cwd=cwd, env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", name],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_main_runs_the_stage_and_fails_cleanly(tmp_path):
@@ -466,7 +504,9 @@ def test_main_runs_the_stage_and_fails_cleanly(tmp_path):
     assert "boat groups" in ok.stdout and "quarantined" in ok.stdout
     (dl.kaggle_dir / "train.zip").unlink()
     bad = _module("pipeline.ingest", tmp_path)
-    assert bad.returncode != 0 and "ingest: the Kaggle download" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode != 0 and "ingest: the Kaggle download" in bad.stderr and "Traceback" not in bad.stderr
+    )
 
 
 def test_download_without_credentials_says_what_to_do(tmp_path):
