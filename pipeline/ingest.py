@@ -39,9 +39,12 @@ MANIFEST_COLUMNS = ["id", "split", "path", "label", "width", "height", "group", 
 
 
 def _rel(path: Path, root: Path) -> str:
-    """Paths in the manifest and report are relative to the repository when they lie inside it."""
+    """Paths in the manifest and report are relative to the repository when they lie inside it.
+
+    Symlinks are not resolved: a data folder linked to another disk still reads as data/raw/...
+    """
     try:
-        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
         return str(path)
 
@@ -136,6 +139,53 @@ def check_decoded(manifest: pd.DataFrame, sources: Sources) -> None:
             )
 
 
+def describe(data, ingest, image_size, root, sources, manifest, valid, quarantine, ignored) -> dict:
+    """The report's account of the inputs: where they came from, what was kept, quarantined or refused."""
+    extractions = sources.extractions
+    train = manifest.split == "train"
+    sizes = Counter(zip(manifest.width, manifest.height, strict=True)).most_common()
+    return {
+        "source": data.source,
+        "inputs": {k: _rel(Path(v), root) for k, v in sources.origin.items()},
+        "image_size": image_size,
+        "resize": ingest.resize,
+        "counts": {s: int((manifest.split == s).sum()) for s in ("train", "test_stg1", "test_stg2")},
+        "classes": {c: int((train & (manifest.label == c)).sum()) for c in FISH_CLASSES},
+        "quarantined": len(quarantine),
+        "quarantine": quarantine,
+        # Test images that have a sample-submission row but no pixels: submit must still predict them.
+        "quarantined_test_ids": [q["id"] for q in quarantine if q["split"] != "train" and "id" in q],
+        "converted": dict(Counter(r.converted for r in valid if r.converted)),
+        "original_sizes": {f"{w}x{h}": n for (w, h), n in sizes},
+        "archives": [
+            {"archive": _rel(Path(e.archive), root), "files": e.files, "bytes": e.bytes} for e in extractions
+        ],
+        "refused_entries": [r for e in extractions for r in e.refused],
+        "ignored": {
+            "count": len(ignored) + sum(len(e.ignored) for e in extractions),
+            "examples": (ignored + [i for e in extractions for i in e.ignored])[:20],
+        },
+    }
+
+
+def group_frames(manifest: pd.DataFrame, valid, ingest: config.Ingest) -> tuple[np.ndarray, dict]:
+    """Boat group of every manifest row, and the report's groups, duplicates and agreement sections."""
+    sig = {k: np.stack([r.sig[k] for r in valid]) for k in ("layout", "dhash", "ahash")}
+    w, h, split = manifest.width.to_numpy(), manifest.height.to_numpy(), manifest.split.to_numpy()
+    group = groups.assign_groups(w, h, sig["layout"], ingest.group_threshold)
+    dups = groups.duplicates(
+        manifest.id.to_numpy(), split, manifest.label.to_numpy(), manifest.sha1.to_numpy(),
+        sig["dhash"], sig["ahash"], ingest.near_duplicate_bits,
+    )  # fmt: skip
+    known = (manifest.true_boat != "").to_numpy()  # the demo knows every frame's boat; Kaggle's none
+    ari = groups.agreement(group[known], manifest.true_boat.to_numpy()[known]) if known.any() else None
+    return group, {
+        "groups": groups.summarise_groups(group, split, w, h),
+        "duplicates": dups,
+        "ari_vs_true_boats": ari,
+    }
+
+
 def run(
     paths: config.Paths, data: config.Data, ingest: config.Ingest, image_size: int, root: Path | str = "."
 ) -> dict:
@@ -146,7 +196,7 @@ def run(
     sources = locate(data, ingest, paths, root)
     t_extract = time.perf_counter() - t0
     cands, quarantine, ignored = list_candidates(sources.dirs)
-    samples = load_samples(sources, cands)
+    samples = load_samples(sources, cands)  # before decoding: a mismatched download fails in seconds
     solution = read_solution(sources.solution)
     true_boats: dict[str, str] = {}
     if sources.boats is not None:
@@ -156,45 +206,11 @@ def run(
     t1 = time.perf_counter()
     valid, bad = decode_into(cands, root / paths.images, image_size, ingest)
     t_decode = time.perf_counter() - t1
-    quarantine += [
-        {
-            "id": cands[r.index].id,
-            "path": _rel(cands[r.index].path, root),
-            "split": cands[r.index].split,
-            "reason": r.reason,
-        }
-        for r in bad
-    ]
+    for r in bad:
+        c = cands[r.index]
+        quarantine.append({"id": c.id, "path": _rel(c.path, root), "split": c.split, "reason": r.reason})
     manifest = build_manifest(cands, valid, root, true_boats)
-
-    report = {
-        "source": data.source,
-        "inputs": {k: _rel(Path(v), root) for k, v in sources.origin.items()},
-        "image_size": image_size,
-        "resize": ingest.resize,
-        "counts": {s: int((manifest.split == s).sum()) for s in ("train", "test_stg1", "test_stg2")},
-        "classes": {
-            c: int(((manifest.split == "train") & (manifest.label == c)).sum()) for c in FISH_CLASSES
-        },
-        "quarantined": len(quarantine),
-        "quarantine": quarantine,
-        # Test images that have a sample-submission row but no pixels: submit must still predict them.
-        "quarantined_test_ids": [q["id"] for q in quarantine if q["split"] != "train" and "id" in q],
-        "converted": dict(Counter(r.converted for r in valid if r.converted)),
-        "original_sizes": {
-            f"{w}x{h}": n
-            for (w, h), n in Counter(zip(manifest.width, manifest.height, strict=True)).most_common()
-        },
-        "archives": [
-            {"archive": _rel(Path(e.archive), root), "files": e.files, "bytes": e.bytes}
-            for e in sources.extractions
-        ],
-        "refused_entries": [r for e in sources.extractions for r in e.refused],
-        "ignored": {
-            "count": len(ignored) + sum(len(e.ignored) for e in sources.extractions),
-            "examples": (ignored + [i for e in sources.extractions for i in e.ignored])[:20],
-        },
-    }
+    report = describe(data, ingest, image_size, root, sources, manifest, valid, quarantine, ignored)
     try:
         check_decoded(manifest, sources)
     except IngestError:
@@ -202,29 +218,8 @@ def run(
         raise
 
     t2 = time.perf_counter()
-    sig = {k: np.stack([r.sig[k] for r in valid]) for k in ("layout", "dhash", "ahash")}
-    manifest["group"] = groups.assign_groups(
-        manifest.width.to_numpy(), manifest.height.to_numpy(), sig["layout"], ingest.group_threshold
-    )
-    report["groups"] = groups.summarise_groups(
-        manifest.group.to_numpy(),
-        manifest.split.to_numpy(),
-        manifest.width.to_numpy(),
-        manifest.height.to_numpy(),
-    )
-    report["duplicates"] = groups.duplicates(
-        manifest.id.to_numpy(),
-        manifest.split.to_numpy(),
-        manifest.label.to_numpy(),
-        manifest.sha1.to_numpy(),
-        sig["dhash"],
-        sig["ahash"],
-        ingest.near_duplicate_bits,
-    )
-    known = manifest.true_boat != ""  # the demo knows every frame's boat; Kaggle's download knows none
-    report["ari_vs_true_boats"] = (
-        groups.agreement(manifest.group[known], manifest.true_boat[known]) if known.any() else None
-    )
+    manifest["group"], grouping = group_frames(manifest, valid, ingest)
+    report.update(grouping)
     t_groups = time.perf_counter() - t2
 
     write_csv(root / paths.manifest, manifest)
@@ -232,9 +227,8 @@ def run(
     write_csv(root / paths.sample_stg2, samples["stg2"])
     write_csv(root / paths.solution, solution)
     images = np.load(root / paths.images, mmap_mode="r")
-    fig = groups.plot_groups(
-        images, manifest.group.to_numpy(), manifest.width.to_numpy(), manifest.height.to_numpy()
-    )
+    w, h = manifest.width.to_numpy(), manifest.height.to_numpy()
+    fig = groups.plot_groups(images, manifest.group.to_numpy(), w, h)
     save_figure(fig, root / paths.figures / "groups.png")
     report["seconds"] = {
         "extract": round(t_extract, 2),
