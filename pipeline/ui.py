@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -75,13 +76,15 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def start_server(store: str, artifacts: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 log: IO | None = None) -> subprocess.Popen:
-    """Start `mlflow server` in its own process group (it forks workers), so `stop_server` stops them all."""
+                 log: IO | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start `mlflow server` in its own process group (it forks workers), so `stop_server` stops them all.
+    `env` is added to this process's environment."""
     artifacts.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         server_command(store, artifacts, host, port),
         stdout=log, stderr=subprocess.STDOUT if log is not None else None,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
 
 
