@@ -32,7 +32,7 @@ def find_credentials(env: Mapping[str, str], home: Path) -> str | None:
     if env.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     folder = Path(env["KAGGLE_CONFIG_DIR"]) if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle"
-    for name in ("kaggle.json", "access_token"):
+    for name in ("kaggle.json", "access_token", "credentials.json"):  # legacy key, token, `kaggle auth login`
         if (folder / name).is_file():
             return str(folder / name)
     return None
@@ -47,7 +47,8 @@ To fetch the Nature Conservancy Fisheries Monitoring files:
      section "API", and click "Create New Token": your browser saves kaggle.json.
   2. Put it where the client looks, readable by you only:
        mkdir -p ~/.kaggle && mv ~/Downloads/kaggle.json ~/.kaggle/ && chmod 600 ~/.kaggle/kaggle.json
-     (or export KAGGLE_USERNAME and KAGGLE_KEY with the two values from that file).
+     (or export KAGGLE_USERNAME and KAGGLE_KEY with the two values from that file; a newer API token
+     goes in KAGGLE_API_TOKEN or ~/.kaggle/access_token).
   3. Accept the competition rules on {COMPETITION_URL}/rules
      (the API answers 403 Forbidden until you have).
   4. Run `make download` again.
@@ -69,7 +70,10 @@ def download(target: Path, files: tuple[str, ...] = FILES, force: bool = False) 
             print(f"{dest} already there; skipped (--force to fetch again)")
         else:
             print(f"fetching {name} ...")
-            api.competition_download_file(COMPETITION, name, path=str(target), force=force, quiet=False)
+            # unzip: Kaggle serves some files wrapped as <name>.zip; the client unwraps exactly that case.
+            api.competition_download_file(
+                COMPETITION, name, path=str(target), force=force, quiet=False, unzip=True
+            )
         if not dest.is_file():
             raise FileNotFoundError(f"the kaggle client did not leave {dest}; see its output above")
         got.append(dest)
