@@ -364,12 +364,16 @@ def evaluate(
         row: dict[str, Any] = {}
         if name.startswith("model:"):
             row["oof_logloss_raw"] = kaggle_log_loss(y, stack[0])
-        for step, (temperature, clip) in STEPS.items():
-            _, oof = fit_ensemble(
-                method, stack, y, preds.folds, temperature=temperature, clip=clip, stacking_c=cfg.stacking_c
+        steps = {}  # (temperature, clip) -> (fitted, oof); the configured pair is usually one of the steps
+        for step, flags in STEPS.items():
+            steps[flags] = fit_ensemble(
+                method, stack, y, preds.folds, temperature=flags[0], clip=flags[1], stacking_c=cfg.stacking_c
             )
-            row[f"oof_logloss_{step}"] = kaggle_log_loss(y, oof)
-        fitted, oof = fit_ensemble(method, stack, y, preds.folds, **kwargs)
+            row[f"oof_logloss_{step}"] = kaggle_log_loss(y, steps[flags][1])
+        configured = (cfg.temperature, cfg.clip)
+        if configured not in steps:
+            steps[configured] = fit_ensemble(method, stack, y, preds.folds, **kwargs)
+        fitted, oof = steps[configured]
         fits[name] = (fitted, oof)
         row["oof_logloss"] = kaggle_log_loss(y, oof)
         row["accuracy"] = accuracy(y, oof)

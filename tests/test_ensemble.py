@@ -337,3 +337,13 @@ def test_main_records_an_mlflow_run_and_its_id(tmp_path, monkeypatch):
     assert "oof_logloss.stacking" in run.data.metrics and "oof_logloss.model.vgg16" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(tracking.tracking_uri()).list_artifacts(run_id)}
     assert {"figures", "ensemble_report.json"} <= artifacts
+
+
+def test_clip_without_temperature_is_scored_as_configured():
+    stack, y, folds = synthetic_stack(n=200, seed=8)
+    preds = E.Predictions(tuple(MODELS), np.arange(200).astype(str), folds, stack, {})
+    rows, fits = E.evaluate(preds, y, _cfg(method="mean", temperature=False, clip=True), nested=False)
+    row = rows["mean"]
+    assert fits["mean"][0].model_temperatures == (1.0, 1.0, 1.0) and fits["mean"][0].temperature == 1.0
+    assert row["oof_logloss"] <= row["oof_logloss_uncalibrated"] + 1e-12
+    assert row["oof_logloss_nested_cv"] is None
