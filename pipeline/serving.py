@@ -328,7 +328,9 @@ def stage_model(settings: Mapping[str, Any], folder: Path, extractors: str = "au
         entry["heads"] = []
         for head in entry.pop("head_paths"):
             rel = f"heads/{bb}/{Path(head).name}"
-            shutil.copy2(head, folder / rel)
+            # Re-saved uncompiled: the train stage's file carries Adam's two moment copies of every weight,
+            # two thirds of its size, which serving never uses.
+            keras.saving.load_model(head, compile=False).save(folder / rel)
             entry["heads"].append(rel)
         # A weights file path will not exist where the model is served: ship the extractor itself.
         as_file = extractors == "file" or (extractors == "auto" and entry["weights"] not in ("none", "imagenet"))
