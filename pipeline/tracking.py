@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import re
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -154,6 +155,10 @@ def _check_server(uri: str) -> None:
                 pass
         except urllib.error.HTTPError:
             pass
+        except urllib.error.URLError as exc:
+            # A TLS complaint means the server answered: MLflow's client has its own certificate settings.
+            if not isinstance(exc.reason, ssl.SSLError):
+                error = f"{uri} is unreachable ({exc.reason})"
         except (OSError, ValueError) as exc:
             error = f"{uri} is unreachable ({exc})"
         _checked_servers[uri] = error
