@@ -145,6 +145,8 @@ def decode_bytes(
         # IGNORE_ORIENTATION: the same pixels IMREAD_UNCHANGED gives (fixed cameras, no EXIF rotation).
         flags = REDUCED.get((k, 1 if header[2] == 1 else 3), flags)
         flags = flags | cv2.IMREAD_IGNORE_ORIENTATION if flags != cv2.IMREAD_UNCHANGED else flags
+    if header and header[2] == 4 and flags == cv2.IMREAD_UNCHANGED:
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # CMYK: convert, never read it as BGRA
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
