@@ -45,21 +45,21 @@ def keras_datasets_dir() -> Path:
 def keras_dataset_file(name: str, download: Callable[[], Any], how: str, fallback: str) -> Path:
     """`$KERAS_HOME/datasets/<name>`, asking Keras to download it (`download()`) when it is not cached.
 
-    The cached file is then read by the caller, not by Keras' `load_data`, because `load_data` re-checks a
-    hash and re-downloads on mismatch, which fails offline for a file that is already here.
+    The caller then reads the file itself rather than through `load_data`, which fixes `$KERAS_HOME` once at
+    import and re-downloads (so fails offline) any copy whose hash differs from the published one.
     """
     path = keras_datasets_dir() / name
     if path.exists():
         return path
-    reason = ""
     try:
         download()
+        reason = "Keras saved it elsewhere: is the folder writable?"
     except Exception as exc:  # noqa: BLE001 - offline failures come in many types
-        reason = f" ({type(exc).__name__}: {str(exc)[:200]})"
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
     if path.exists():
         return path
     raise DatasetUnavailable(
-        f"{name} is not in {path.parent} and could not be downloaded{reason}.\n"
+        f"{name} is not in {path.parent} and could not be downloaded ({reason}).\n"
         f"  missing file: {path}\n"
         f"  fix: on a machine with internet run\n"
         f'    python -c "{how}"\n'
