@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure delete it."""
@@ -28,12 +24,18 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private (0600); outputs are ordinary files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private (0600); outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, data: Any) -> None:
