@@ -43,6 +43,7 @@ _MAX_PARAM_VALUE = 6000
 _MAX_TAG_VALUE = 8000
 
 _disabled_reason: str | None = None
+_store_uri: str | None = None  # the store this process last pointed MLflow at, for the failure message
 _checked_servers: dict[str, str | None] = {}
 
 
@@ -79,11 +80,12 @@ def reset() -> None:
 
 
 def _describe_store() -> str:
-    with contextlib.suppress(Exception):
-        import mlflow
-
-        return mlflow.get_tracking_uri()
-    return "unknown"
+    uri = _store_uri
+    if uri is None:
+        with contextlib.suppress(Exception):
+            uri = tracking_uri()
+    # A database URI may carry a password; warnings end up in CI logs.
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri) if uri else "unknown"
 
 
 # ------------------------------------------------------------------------------------- store location
@@ -178,7 +180,8 @@ def configure(tracking_cfg: Any = None) -> str:
     """Point MLflow at the project's store (raises on an unreachable server); returns the URI."""
     import mlflow
 
-    uri = tracking_uri(_cfg_value(tracking_cfg, "uri"))
+    global _store_uri
+    uri = _store_uri = tracking_uri(_cfg_value(tracking_cfg, "uri"))
     if _is_server(uri):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
