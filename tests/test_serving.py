@@ -202,3 +202,39 @@ def test_an_unpackageable_ensemble_is_skipped_with_a_message_not_a_failure(predi
     assert tracking.disabled_reason() is None
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["still"] == 1.0
     assert serving.log_ensemble_model(predictions, report()) is None  # no open run: nothing to attach it to
+
+
+# ------------------------------------------------------------------------------------------- integration
+
+
+def test_served_model_reproduces_the_pipelines_own_test_predictions(tmp_path):
+    """Train and ensemble stages on tiny data, then the served model on the same images: same probabilities.
+
+    One test-time view, so the pipeline's test predictions are exactly "each fold head on the image, averaged,
+    then the ensemble's calibration": what the served model computes from raw pixels. This is the check that
+    the train stage and serving rebuild the same random-weight extractor from `extractor.json`.
+    """
+    from pipeline import augment, config, ensemble, train
+    from tests.factories import synthetic_images, tiny_params
+
+    raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2})
+    manifest = synthetic_images(tmp_path, raw, n_train=48, n_test=6)
+    pixels = np.load(raw["paths"]["images"])
+    views = augment.make_views(pixels, (manifest.split == "train").to_numpy(),
+                               config.load_section("augment", raw), seed=raw["seed"])
+    np.save(raw["paths"]["views"], views)
+    settings = train.load_settings(tmp_path / "params.yaml")
+    train.run("vgg16", settings)
+    paths = config.load_section("paths", raw)
+    report = ensemble.run(paths, ("vgg16",), config.load_section("ensemble", raw))
+
+    with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}"):
+        logged = serving.log_ensemble_model(paths.predictions, report, resize=raw["ingest"]["resize"])
+    model = mlflow.pyfunc.load_model(logged["model_uri"])
+    for split in ("test_stg1", "test_stg2"):
+        expected = pd.read_csv(Path(paths.ensemble) / f"{split}.csv").set_index("id")
+        rows = manifest.index[manifest.split == split]
+        served = model.predict([pixels[i] for i in rows])
+        served.index = manifest.loc[rows, "id"]
+        np.testing.assert_allclose(served.to_numpy(), expected.loc[served.index, list(FISH_CLASSES)].to_numpy(),
+                                   rtol=1e-4, atol=1e-5)
