@@ -286,6 +286,10 @@ def ensemble_settings(
         if not ext_file.is_file():
             raise ServingError(f"{ext_file} is missing: the train stage writes it beside the predictions")
         ext = json.loads(ext_file.read_text())
+        if ext.get("fine_tuned"):
+            # Fine-tuning changes the backbone per fold; rebuilding it from its settings would be wrong.
+            raise ServingError(f"{ext_file}: the {bb} extractor was fine-tuned, and the fine-tuned weights are "
+                               "not saved beside the heads, so the served model cannot reproduce it")
         heads = sorted((folder / "models").glob("head_fold*.keras"),
                        key=lambda p: int(_HEAD_FILE.search(p.name).group(1)))
         if not heads:

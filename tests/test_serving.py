@@ -8,6 +8,7 @@ weights, two fold heads), so the whole round trip runs in seconds on a CPU.
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -123,6 +124,14 @@ def test_settings_read_the_report_and_the_train_outputs(predictions):
         serving.ensemble_settings(predictions, report("stacking"))
     with pytest.raises(serving.ServingError, match="extractor.json"):
         serving.ensemble_settings(predictions, {**report(), "models": ["resnet50"]})
+
+
+def test_a_fine_tuned_backbone_is_not_packaged(predictions, tmp_path):
+    shutil.copytree(predictions, tmp_path / "p")
+    ext_file = tmp_path / "p" / "vgg16" / "extractor.json"
+    ext_file.write_text(json.dumps({**json.loads(ext_file.read_text()), "fine_tuned": True}))
+    with pytest.raises(serving.ServingError, match="fine-tuned"):
+        serving.ensemble_settings(tmp_path / "p", report())
 
 
 # -------------------------------------------------------------------------------------------- round trip
