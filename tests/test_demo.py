@@ -1,0 +1,248 @@
+"""The generated stand-in for the Kaggle download: layout, names, shares, boats, determinism, learnability."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline import demo
+from pipeline.config import FISH_CLASSES, Demo
+from pipeline.metrics import kaggle_log_loss, prior_log_loss
+
+TINY = Demo(n_train=48, n_test_stg1=12, n_test_stg2=16, train_boats=3, new_boats=2, width=96,
+            night_share=0.25, seed=7)
+HEADER = "image,ALB,BET,DOL,LAG,NoF,OTHER,SHARK,YFT"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, demo.write_demo(TINY, out)
+
+
+def test_same_seed_gives_byte_identical_files(tiny, tmp_path):
+    out, _ = tiny
+    again = tmp_path / "again"
+    demo.write_demo(TINY, again)
+    assert _files(again) == _files(out)
+
+
+def test_a_different_seed_draws_different_images(tiny, tmp_path):
+    out, _ = tiny
+    other = tmp_path / "other"
+    demo.write_demo(dataclasses.replace(TINY, seed=TINY.seed + 1), other)
+    first = {v for k, v in _files(out).items() if k.endswith(".jpg")}
+    second = {v for k, v in _files(other).items() if k.endswith(".jpg")}
+    assert not first & second
+
+
+def test_exact_kaggle_layout(tiny):
+    out, _ = tiny
+    names = set(_files(out))
+    csvs = {"sample_submission_stg1.csv", "sample_submission_stg2.csv", "solution.csv", "boats.csv"}
+    assert csvs <= names
+    images = names - csvs
+    train = {n for n in images if n.startswith("train/")}
+    stg1 = {n for n in images if n.startswith("test_stg1/")}
+    stg2 = {n for n in images if n.startswith("test_stg2/")}
+    assert train | stg1 | stg2 == images
+    assert all(re.fullmatch(r"train/(ALB|BET|DOL|LAG|NoF|OTHER|SHARK|YFT)/img_\d{5}\.jpg", n) for n in train)
+    assert all(re.fullmatch(r"test_stg1/img_\d{5}\.jpg", n) for n in stg1)
+    assert all(re.fullmatch(r"test_stg2/image_\d{5}\.jpg", n) for n in stg2)
+    assert (len(train), len(stg1), len(stg2)) == (TINY.n_train, TINY.n_test_stg1, TINY.n_test_stg2)
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(FISH_CLASSES)
+    per_class = [len(list((out / "train" / c).iterdir())) for c in FISH_CLASSES]
+    assert min(per_class) >= demo.MIN_TRAIN_PER_CLASS
+    # One numbering for train and stage 1: a name never repeats across the two.
+    bare = [Path(n).name for n in train | stg1]
+    assert len(set(bare)) == len(bare)
+
+
+def test_images_are_jpegs_in_their_boats_camera_size(tiny):
+    out, rows = tiny
+    sizes: dict[int, set] = {}
+    for row in rows.itertuples():
+        data = (out / row.path).read_bytes()
+        assert data[:2] == b"\xff\xd8"
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[1] == TINY.width and img.shape[2] == 3
+        sizes.setdefault(row.boat, set()).add(img.shape)
+    assert all(len(s) == 1 for s in sizes.values())  # a boat's camera never changes size
+
+
+def test_sample_submissions_list_exactly_the_test_files_on_disk(tiny):
+    out, _ = tiny
+    on_disk1 = sorted(p.name for p in (out / "test_stg1").iterdir())
+    on_disk2 = sorted(f"test_stg2/{p.name}" for p in (out / "test_stg2").iterdir())
+    for name, expected in (("sample_submission_stg1.csv", on_disk1),
+                           ("sample_submission_stg2.csv", on_disk1 + on_disk2)):
+        text = (out / name).read_text()
+        assert text.splitlines()[0] == HEADER
+        sample = pd.read_csv(out / name)
+        assert sorted(sample.image) == sorted(expected)
+        assert np.all(sample[list(FISH_CLASSES)].to_numpy() == 0.125)
+
+
+def test_solution_labels_every_test_image(tiny):
+    out, rows = tiny
+    solution = pd.read_csv(out / "solution.csv")
+    assert list(solution.columns) == ["image", "label", "stage"]
+    assert sorted(solution.image) == sorted(pd.read_csv(out / "sample_submission_stg2.csv").image)
+    assert set(solution.label) <= set(FISH_CLASSES)
+    assert (solution.stage == np.where(solution.image.str.startswith("test_stg2/"), 2, 1)).all()
+    truth = rows.set_index("image").label
+    assert (solution.set_index("image").label == truth.loc[solution.image]).all()
+
+
+def test_boats_file_and_stage2_boats_are_new(tiny):
+    out, rows = tiny
+    boats = pd.read_csv(out / "boats.csv")
+    assert list(boats.columns) == ["image", "split", "boat"]
+    assert sorted(boats.image) == sorted(rows.image) and boats.image.is_unique
+    seen = set(boats.boat[boats.split != "test_stg2"])
+    new = set(boats.boat[boats.split == "test_stg2"])
+    assert seen == set(range(TINY.train_boats)) == set(boats.boat[boats.split == "train"])
+    assert new and not seen & new
+
+
+def test_class_shares_follow_the_real_training_set():
+    real = plan_counts(Demo(3777, 1000, 12153, 6, 3, 320, 0.15, 1), "train")
+    assert real == demo.TRAIN_COUNTS
+    small = plan_counts(Demo(400, 100, 200, 6, 3, 320, 0.15, 1), "train")
+    shares = {c: n / 400 for c, n in small.items()}
+    assert min(small.values()) >= demo.MIN_TRAIN_PER_CLASS
+    assert all(abs(shares[c] - demo.TRAIN_COUNTS[c] / 3777) < 0.01 for c in FISH_CLASSES)
+    stage2 = plan_counts(Demo(400, 100, 1000, 6, 3, 320, 0.15, 1), "test_stg2")
+    assert stage2["BET"] == 108 and stage2["SHARK"] == 12
+    assert stage2["ALB"] / stage2["YFT"] == pytest.approx(1719 / 734, rel=0.02)
+
+
+def plan_counts(cfg: Demo, split: str) -> dict[str, int]:
+    labels = demo.plan(cfg).query("split == @split").label
+    return {c: int((labels == c).sum()) for c in FISH_CLASSES}
+
+
+def test_names_do_not_reveal_class_or_split():
+    rows = demo.plan(Demo(600, 200, 100, 6, 3, 320, 0.15, 3))
+    first = rows[rows.split != "test_stg2"]
+    numbers = first.image.str.slice(4, 9).astype(int)
+    assert numbers.is_unique
+    classes = first.label.map(FISH_CLASSES.index)
+    assert abs(np.corrcoef(numbers.rank(), classes.rank())[0, 1]) < 0.2
+    train, stg1 = numbers[first.split == "train"], numbers[first.split == "test_stg1"]
+    assert stg1.min() < train.median() < stg1.max()
+    stg2 = rows[rows.split == "test_stg2"].image.str.slice(16, 21).astype(int)
+    assert sorted(stg2) == list(range(1, 101))
+
+
+def test_night_frames_follow_the_share_and_look_like_night_vision():
+    rows = demo.plan(Demo(400, 100, 200, 6, 3, 320, 0.15, 5))
+    for split, n in (("train", 400), ("test_stg1", 100), ("test_stg2", 200)):
+        assert rows[rows.split == split].night.sum() == round(0.15 * n)
+    boat = demo.draw_boat(demo.boat_rng(5, 0), 0, 128)
+    night = demo.draw_scene(demo.image_rng(5, 0), boat, "ALB", True).astype(float)
+    day = demo.draw_scene(demo.image_rng(5, 0), boat, "ALB", False).astype(float)
+    r, g, b = night.reshape(-1, 3).mean(axis=0)
+    assert g > 1.4 * r and g > 1.4 * b
+    assert night[..., 1].std() < day.mean(axis=2).std()  # flatter than daylight
+    r, g, b = day.reshape(-1, 3).mean(axis=0)
+    assert g < 1.2 * min(r, b)
+
+
+def test_each_image_can_be_redrawn_alone(tiny):
+    out, rows = tiny
+    boats = {b: demo.draw_boat(demo.boat_rng(TINY.seed, b), b, TINY.width) for b in (0, TINY.train_boats)}
+    for row in rows[rows.boat.isin(boats)].iloc[[0, -1]].itertuples():
+        image = demo.draw_scene(demo.image_rng(TINY.seed, row.key), boats[row.boat], row.label, row.night)
+        assert demo.encode_jpeg(image) == (out / row.path).read_bytes()
+
+
+def test_rewriting_removes_stale_files(tmp_path):
+    out = tmp_path / "demo"
+    (out / "train" / "ALB").mkdir(parents=True)
+    (out / "train" / "ALB" / "img_99999.jpg").write_bytes(b"stale")
+    demo.write_demo(TINY, out)
+    assert not (out / "train" / "ALB" / "img_99999.jpg").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_impossible_settings_are_refused():
+    with pytest.raises(ValueError, match="n_train"):
+        demo.plan(dataclasses.replace(TINY, n_train=20))
+    with pytest.raises(ValueError, match="new_boats"):
+        demo.plan(dataclasses.replace(TINY, new_boats=0))
+
+
+def test_fish_fill_a_fair_part_of_the_frame_and_differ_in_colour():
+    width, height = 320, 180
+    colour: dict[str, np.ndarray] = {}
+    yellow: dict[str, float] = {}
+    for label in set(FISH_CLASSES) - {"NoF"}:
+        pixels = []
+        for k in range(8):
+            rng = np.random.default_rng([11, k])
+            img = np.zeros((height, width, 3), np.float32)
+            demo.place_fish(rng, img, label)
+            mask = img.max(axis=2) > 0.02
+            (_, (a, b), _) = cv2.minAreaRect(np.argwhere(mask)[:, ::-1].astype(np.float32))
+            assert 0.15 * width <= max(a, b) <= 0.46 * width, (label, max(a, b))
+            pixels.append(img[mask])
+        fish = np.concatenate(pixels)
+        colour[label] = fish.mean(axis=0)
+        yellow[label] = float(np.mean((fish[:, 0] > 0.6) & (fish[:, 1] > 0.5) & (fish[:, 2] < 0.35)))
+    assert colour["DOL"][1] > colour["ALB"][1] + 0.1  # green-gold against dark blue
+    assert colour["LAG"][0] > colour["ALB"][0] + 0.1  # red fins, pink belly
+    assert yellow["YFT"] > 3 * yellow["ALB"]  # the tunas part on fin colour
+    assert np.ptp(colour["SHARK"]) < np.ptp(colour["DOL"])  # grey
+
+
+def _hue_histogram(img: np.ndarray) -> np.ndarray:
+    """Hue x saturation histogram of the coloured pixels of a 96 px resize; grey deck pixels left out."""
+    small = cv2.resize(img, (96, 96), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1], None, [18, 4], [0, 180, 0, 256]).reshape(18, 4)[:, 1:]
+    return np.sqrt(hist.ravel() / (96 * 96))
+
+
+def test_colour_histograms_beat_the_prior_across_unseen_boats_but_do_not_solve_it():
+    cfg = Demo(300, 0, 0, 6, 0, 128, 0.15, 2017)
+    rows = demo.plan(cfg)
+    boats = {b: demo.draw_boat(demo.boat_rng(cfg.seed, b), b, cfg.width) for b in range(cfg.train_boats)}
+    frames = (demo.draw_scene(demo.image_rng(cfg.seed, r.key), boats[r.boat], r.label, r.night)
+              for r in rows.itertuples())
+    X = np.stack([_hue_histogram(frame) for frame in frames])
+    y = rows.label.map(FISH_CLASSES.index).to_numpy()
+    oof = np.full((len(y), len(FISH_CLASSES)), 1e-3)
+    for fit, held in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(X, y, rows.boat):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.03, max_iter=2000)).fit(X[fit], y[fit])
+        oof[np.ix_(held, model.classes_)] = model.predict_proba(X[held])
+    loss, prior = kaggle_log_loss(y, oof), prior_log_loss(y, y, len(FISH_CLASSES))
+    assert loss < prior - 0.2, (loss, prior)
+    assert loss > 0.5, loss  # boats, night frames and look-alike tunas keep it hard
+
+
+def test_main_writes_the_configured_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  source: demo\n  demo_dir: raw/demo\n  kaggle_dir: raw/kaggle\n"
+        "demo:\n  n_train: 40\n  n_test_stg1: 4\n  n_test_stg2: 4\n  train_boats: 2\n  new_boats: 1\n"
+        "  width: 64\n  night_share: 0.1\n  seed: 1\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    demo.main()
+    assert len(pd.read_csv(tmp_path / "raw/demo/sample_submission_stg2.csv")) == 8
+    assert len(list((tmp_path / "raw/demo/train").rglob("*.jpg"))) == 40
+    assert "demo: wrote 40 train" in capsys.readouterr().out
