@@ -473,19 +473,20 @@ def write_outputs(backbone, s, manifest, y, folds, oof, test, train_rows, test_r
         frame = pd.DataFrame(test[splits == split], columns=FISH_CLASSES)
         frame.insert(0, "id", test_ids[splits == split])
         write_csv(out_dir / f"{split}.csv", frame)
-    write_json(out_dir / "extractor.json", ext)
+    # Serving rebuilds the frozen extractor from these settings; a fine-tuned one cannot be rebuilt so.
+    write_json(out_dir / "extractor.json", {**ext, "fine_tuned": s.train.fine_tune.enabled})
 
-    rep_dir = Path(p.train_reports) / backbone
+    rep_dir = Path(p.train_reports)
     hist = pd.concat(
         [
             pd.DataFrame({"fold": k, "epoch": range(len(h["loss"])), **{m: h[m] for m in h if not m.startswith("ft_")}})
             for k, h in enumerate(histories)
         ]
     )
-    write_csv(rep_dir / "history.csv", hist)
+    write_csv(rep_dir / "curves" / f"{backbone}.csv", hist)
     pred = oof.argmax(1)
     write_csv(
-        rep_dir / "confusion.csv",
+        rep_dir / "confusion" / f"{backbone}.csv",
         pd.DataFrame({"actual": np.array(FISH_CLASSES)[y], "predicted": np.array(FISH_CLASSES)[pred]}),
     )
     write_json(Path(p.train_reports) / f"{backbone}.json", report)
