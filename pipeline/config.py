@@ -157,7 +157,7 @@ class Ensemble:
     temperature: bool
     clip: bool
     prior: str
-    stacking_c: float
+    stacking_c: tuple[float, ...]
 
 
 @dataclass(frozen=True)

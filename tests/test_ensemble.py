@@ -216,7 +216,9 @@ def test_stacking_oof_is_not_the_optimistic_in_sample_score():
     folds = np.arange(n) % 4
     stack = rng.dirichlet(np.ones(K), size=(4, n))
     in_sample = kaggle_log_loss(y, E.stacker_proba(E.fit_stacker(stack, y, 100.0), stack))
-    fitted, oof = E.fit_ensemble("stacking", stack, y, folds, temperature=False, clip=False, stacking_c=100.0)
+    fitted, oof = E.fit_ensemble(
+        "stacking", stack, y, folds, temperature=False, clip=False, stacking_c=(100.0,)
+    )
     reported = kaggle_log_loss(y, oof)
     prior = kaggle_log_loss(y, np.tile(cal.class_shares(y, K), (n, 1)))
     assert in_sample < prior - 0.2  # the optimism a non-cross-fitted stacker would report
@@ -236,9 +238,21 @@ def test_nested_cv_refits_everything_without_the_scored_fold(monkeypatch):
         return fit(method, s, yy, ff, **kw)
 
     monkeypatch.setattr(E, "fit_ensemble", spy)
-    out = E.nested_oof("stacking", stack, y, folds, temperature=True, clip=True, stacking_c=1.0)
+    out = E.nested_oof("stacking", stack, y, folds, temperature=True, clip=True, stacking_c=(0.1, 1.0))
     assert out.shape == (150, K)
     assert [rows for rows in trained] == [set(np.flatnonzero(folds != k)) for k in range(3)]
+
+
+def test_stacking_regularisation_is_the_lowest_cross_fitted_loss_of_the_grid():
+    stack, y, folds = synthetic_stack(n=160, seed=12, n_folds=4)
+    grid = (0.001, 0.1, 10.0)
+    losses = {c: kaggle_log_loss(y, E.cross_fit_stacker(stack, y, folds, c)) for c in grid}
+    c, oof = E.select_stacking_c(stack, y, folds, grid)
+    assert losses[c] == min(losses.values())
+    np.testing.assert_allclose(oof, E.cross_fit_stacker(stack, y, folds, c))
+    fitted, _ = E.fit_ensemble("stacking", stack, y, folds, temperature=False, clip=False, stacking_c=grid)
+    assert fitted.stacking_c == c
+    assert fitted.stacker[-1].get_params()["C"] == c
 
 
 def test_stacking_needs_folds():
@@ -252,7 +266,13 @@ def test_stacking_needs_folds():
 
 
 def _cfg(**changes):
-    base = {"method": "weighted", "temperature": True, "clip": True, "prior": "train", "stacking_c": 1.0}
+    base = {
+        "method": "weighted",
+        "temperature": True,
+        "clip": True,
+        "prior": "train",
+        "stacking_c": (0.01, 0.1, 1.0),
+    }
     return config.Ensemble(**{**base, **changes})
 
 
