@@ -51,7 +51,8 @@ def main() -> None:
     width = max(len(r["key"]) for r in rows)
     print(f"\n{'key':<{width}}  {'value':>9}  {'target':>7}  met  note")
     for r in rows:
-        print(f"{r['key']:<{width}}  {r['value']:>9.3g}  {r['target']:>7}  {meets(r['value'], r['target']):>3}  {r['note']}")
+        met = meets(r["value"], r["target"])
+        print(f"{r['key']:<{width}}  {r['value']:>9.3g}  {r['target']:>7}  {met:>3}  {r['note']}")
     print(f"\nwritten to {OUT}")
     print(json.dumps({r["key"]: round(r["value"], 3) for r in rows}))
 

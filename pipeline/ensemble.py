@@ -514,7 +514,8 @@ def run(paths: Any, backbones: tuple[str, ...], cfg: Any) -> dict[str, Any]:
 
 
 def log_to_mlflow(
-    tracking_cfg: Any, params: dict[str, Any], report: dict[str, Any], paths: Any
+    tracking_cfg: Any, params: dict[str, Any], report: dict[str, Any], paths: Any, model_cfg: Any = None,
+    resize: str = "pad",
 ) -> str | None:
     """Record the finished stage in its own MLflow run; return the run id (None when tracking is off)."""
     with tracking.start_run(tracking_cfg, "ensemble", params) as run:
@@ -530,6 +531,15 @@ def log_to_mlflow(
         tracking.log_artifact(Path(paths.figures) / "ensemble", "figures")
         tracking.log_artifact(paths.metrics)
         tracking.log_dict(report, "ensemble_report.json")
+        if model_cfg is not None:
+            # The whole ensemble as one model that predicts from raw images, registered with an alias on the
+            # version whose run has the lowest OOF log loss.
+            from pipeline import serving
+
+            serving.log_ensemble_model(
+                paths.predictions, report, model_cfg.backbones, resize=resize,
+                registered_model=tracking_cfg.registered_model,
+            )
         return run.info.run_id
 
 
@@ -539,7 +549,9 @@ def main() -> None:
     report = run(paths, model.backbones, cfg)
     print(report["table"])
     params = {**flatten(cfg, "ensemble."), "model.backbones": list(model.backbones)}
-    run_id = log_to_mlflow(load_section("tracking", raw), params, report, paths)
+    run_id = log_to_mlflow(
+        load_section("tracking", raw), params, report, paths, model, resize=load_section("ingest", raw).resize
+    )
     if run_id is not None:
         write_json(paths.ensemble_report, {**read_json(paths.ensemble_report), "mlflow_run_id": run_id})
 

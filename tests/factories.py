@@ -13,16 +13,18 @@ from pipeline.config import FISH_CLASSES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_params(root: Path, **overrides) -> dict:
-    """The repository's params.yaml with every path moved under `root` and sizes shrunk for tests.
+def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
+    """The repository's params.yaml written into `root`, sizes shrunk for tests.
 
+    Paths are moved under `root` (absolute), or kept relative (`relative=True`, for running DVC in `root`).
     `overrides` are dotted keys: `tiny_params(tmp, **{"cv.n_folds": 3})`.
     """
     root.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
-    raw["data"]["demo_dir"] = str(root / raw["data"]["demo_dir"])
-    raw["data"]["kaggle_dir"] = str(root / raw["data"]["kaggle_dir"])
+    if not relative:
+        raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
+        raw["data"]["demo_dir"] = str(root / raw["data"]["demo_dir"])
+        raw["data"]["kaggle_dir"] = str(root / raw["data"]["kaggle_dir"])
     small = {
         "model.backbones": ["vgg16"],
         "model.image_size": 32,

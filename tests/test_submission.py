@@ -243,3 +243,16 @@ def test_credentials_are_found_where_the_kaggle_client_looks(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "kaggle.json").write_text("{}")
     assert upload.find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, tmp_path)
+
+
+def test_quarantined_test_images_get_the_class_prior_and_others_still_fail():
+    from pipeline.submit import build_submission
+
+    classes = list(FISH_CLASSES)
+    sample = pd.DataFrame({"image": ["a.jpg", "bad.jpg"], **{c: 0.125 for c in classes}})
+    preds = pd.DataFrame([np.full(8, 0.125)], index=["a.jpg"], columns=classes)
+    prior = np.arange(1, 9) / 36
+    frame = build_submission(preds, sample, {"bad.jpg": prior})
+    np.testing.assert_allclose(frame.loc[frame.image == "bad.jpg", classes].to_numpy()[0], prior)
+    with pytest.raises(ValueError, match="no prediction"):
+        build_submission(preds, sample, {})
