@@ -193,6 +193,8 @@ def run(
     root = Path(root)
     t0 = time.perf_counter()
     report_path = root / paths.reports / "ingest_report.json"
+    # A declared DVC output even when nothing needs unpacking (the demo, or extracted Kaggle folders).
+    (root / paths.interim / "extracted").mkdir(parents=True, exist_ok=True)
     sources = locate(data, ingest, paths, root)
     t_extract = time.perf_counter() - t0
     cands, quarantine, ignored = list_candidates(sources.dirs)

@@ -4,6 +4,7 @@ This is what a competitor does after cloning: `dvc repro`. It checks the wiring 
 stage's command, deps and outs in dvc.yaml, the params each reads, and that a second run has nothing to do.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,9 @@ HEADER = ["image", *FISH_CLASSES]
 
 
 def _run(cmd, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    # dvc.yaml's commands call `python`: the interpreter running the tests, as `make repro` arranges.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
