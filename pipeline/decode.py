@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,9 @@ def decode_all(
     if workers <= 1 or len(tasks) < 2:
         yield from map(_job, tasks)
         return
-    # fork: workers start in milliseconds and inherit the imported cv2 (this stage never loads TensorFlow).
-    method = "fork" if "fork" in mp.get_all_start_methods() else None
+    # fork: workers start in milliseconds and inherit the imported cv2. Forking a process that has started
+    # TensorFlow's threads (a test session, the served model) can deadlock the child, so then spawn instead.
+    safe_to_fork = "fork" in mp.get_all_start_methods() and "tensorflow" not in sys.modules
+    method = "fork" if safe_to_fork else "spawn"
     with mp.get_context(method).Pool(workers, initializer=_quiet_worker) as pool:
         yield from pool.imap(_job, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
