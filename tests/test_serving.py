@@ -103,7 +103,10 @@ def test_combination_matches_the_ensemble_stage():
     stack = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 20))
     train, target = rng.dirichlet(np.ones(len(FISH_CLASSES))), np.full(len(FISH_CLASSES), 1 / len(FISH_CLASSES))
     for method, weights in (("weighted", (0.3, 0.7)), ("geometric", (0.5, 0.5)), ("best", (0.0, 1.0))):
-        fitted = ens.Fitted(method, (1.4, 0.8), weights, None, 1.2, (0.02, 0.9))
+        fitted = ens.Fitted(
+            method=method, model_temperatures=(1.4, 0.8), weights=weights, stacker=None, stacking_c=None,
+            temperature=1.2, clip=(0.02, 0.9),
+        )
         expected = ens.predict(fitted, stack, (train, target))
         settings = {
             "method": method, "ensemble_temperature": 1.2, "clip": [0.02, 0.9],
