@@ -42,11 +42,12 @@ CANVAS_W, CANVAS_H = 320, 208
 BODY_LEN, SNOUT_X, MID_Y = 160.0, 250.0, 104.0
 PEDUNCLE_X = SNOUT_X - BODY_LEN
 #: Total fish length (tail tip to nose) as a share of the frame width, per class.
-FISH_LENGTH = {"ALB": (0.26, 0.42), "BET": (0.24, 0.4), "YFT": (0.26, 0.42), "DOL": (0.26, 0.42),
-               "LAG": (0.2, 0.32), "SHARK": (0.32, 0.44), "OTHER": (0.2, 0.42)}
+FISH_LENGTH = {"ALB": (0.48, 0.66), "BET": (0.44, 0.62), "YFT": (0.48, 0.66), "DOL": (0.48, 0.66),
+               "LAG": (0.36, 0.48), "SHARK": (0.54, 0.7), "OTHER": (0.38, 0.62)}
 #: Chances of 0, 1 or 2 more fish of the same kind beside the main one: a haul is often landed together,
 #: and the extra fish give a whole-frame model enough of the class's colour to learn from.
-EXTRA_FISH = (0.35, 0.4, 0.25)
+EXTRA_FISH = (0.25, 0.4, 0.35)
+DECK_RELIEF = 0.5
 
 
 def _rgb(*values: float) -> np.ndarray:
@@ -57,8 +58,8 @@ def _rgb(*values: float) -> np.ndarray:
 # yellows, greens and reds that set some fish apart turn up only on the crew and their loose gear, which
 # move from frame to frame. Saturated fixtures would tie those colours to a boat, and with six boats a
 # model would learn the boat instead of the fish.
-DECK_COLOURS = [_rgb(150, 158, 164), _rgb(205, 205, 200), _rgb(118, 126, 120), _rgb(150, 140, 128),
-                _rgb(100, 100, 104), _rgb(104, 112, 126), _rgb(175, 172, 162), _rgb(132, 138, 144)]
+DECK_COLOURS = [_rgb(132, 138, 142), _rgb(140, 140, 135), _rgb(118, 126, 120), _rgb(140, 130, 118),
+                _rgb(116, 116, 120), _rgb(110, 118, 130), _rgb(140, 136, 128), _rgb(126, 132, 138)]
 PAINT_COLOURS = [_rgb(205, 125, 70), _rgb(70, 95, 150), _rgb(222, 222, 215), _rgb(35, 35, 38),
                  _rgb(140, 140, 145), _rgb(170, 178, 186), _rgb(60, 62, 70)]
 GEAR_COLOURS = [_rgb(215, 125, 55), _rgb(205, 190, 80), _rgb(60, 90, 160), _rgb(222, 222, 215),
@@ -210,7 +211,7 @@ def _deck_texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray) ->
         for _ in range(rng.integers(1, 4)):
             y0, thick = rng.uniform(0, h), rng.uniform(0.02, 0.06) * h
             band = (np.abs(ys - y0) < thick)[..., None]
-            tex = np.where(band, 0.7 * paint + 0.3 * base, tex)
+            tex = np.where(band, 0.45 * paint + 0.55 * base, tex)
         shade += 0.06 * (_noise(rng, h, w, 2) > 1.2)
     elif kind == "speckle":
         shade += 0.09 * rng.standard_normal((h, w)).astype(np.float32) + 0.08 * _noise(rng, h, w, 25)
@@ -220,7 +221,7 @@ def _deck_texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray) ->
         shade += 0.04 * _noise(rng, h, w, 30)
     # Grime and wear: the large soft blotches every working deck has.
     shade += 0.06 * _noise(rng, h, w, max(h, w) / 4)
-    return np.clip(tex * (1.0 + shade[..., None]), 0, 1)
+    return np.clip(tex * (1.0 + DECK_RELIEF * shade[..., None]), 0, 1)
 
 
 def _camera_warp(rng: np.random.Generator, flat: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -258,7 +259,7 @@ def _rail(rng: np.random.Generator, img: np.ndarray) -> None:
     """Open sea or the inside of the hull along one side, behind a rail with its posts."""
     h, w = img.shape[:2]
     side = rng.integers(4)  # top, right, bottom, left
-    depth = rng.uniform(0.1, 0.28) * (h if side in (0, 2) else w)
+    depth = rng.uniform(0.08, 0.2) * (h if side in (0, 2) else w)
     ys, xs = np.mgrid[0:h, 0:w]
     beyond = {0: ys < depth, 1: xs > w - depth, 2: ys > h - depth, 3: xs < depth}[side]
     if rng.random() < 0.55:  # choppy sea
@@ -290,9 +291,9 @@ def _add_fixtures(rng: np.random.Generator, img: np.ndarray) -> None:
     h, w = img.shape[:2]
     _rail(rng, img)
 
-    box_col = _pick(rng, PAINT_COLOURS) * rng.uniform(0.75, 1.0)
-    bw, bh = rng.uniform(0.14, 0.28) * w, rng.uniform(0.12, 0.24) * w
+    bw, bh = rng.uniform(0.12, 0.2) * w, rng.uniform(0.1, 0.17) * w
     cx, cy = rng.choice([rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.9)]) * w, rng.uniform(0.25, 0.8) * h
+    box_col = 0.55 * _pick(rng, PAINT_COLOURS) * rng.uniform(0.75, 1.0) + 0.45 * img[int(cy), int(cx)]
     corners = cv2.boxPoints(((float(cx), float(cy)), (float(bw), float(bh)), float(rng.uniform(-20, 20))))
     cv2.fillPoly(img, _pts(corners + [3, 4]), (box_col * 0.45).tolist(), cv2.LINE_AA, shift=3)  # its side
     cv2.fillPoly(img, _pts(corners), box_col.tolist(), cv2.LINE_AA, shift=3)
@@ -326,7 +327,7 @@ def draw_boat(rng: np.random.Generator, boat_id: int, width: int) -> Boat:
     """A boat: its camera's frame size, deck colour and texture, perspective, fixtures and lighting."""
     cam_w, cam_h = CAMERA_SIZES[rng.choice(len(CAMERA_SIZES), p=CAMERA_WEIGHTS)]
     height = max(2, int(round(width * cam_h / cam_w / 2)) * 2)
-    base = _pick(rng, DECK_COLOURS) * rng.uniform(0.8, 1.1) * rng.uniform(0.96, 1.04, 3).astype(np.float32)
+    base = _pick(rng, DECK_COLOURS) * rng.uniform(0.9, 1.05) * rng.uniform(0.96, 1.04, 3).astype(np.float32)
     flat = _deck_texture(rng, height, width, np.clip(base, 0, 1))
     deck = np.ascontiguousarray(_camera_warp(rng, flat, width, height))
     _add_fixtures(rng, deck)
@@ -334,8 +335,8 @@ def draw_boat(rng: np.random.Generator, boat_id: int, width: int) -> Boat:
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (xs / width - 0.5) * np.cos(angle) + (ys / height - 0.5) * np.sin(angle)
-    vignette = 1.0 - rng.uniform(0.1, 0.45) * (((xs / width - 0.5) ** 2 + (ys / height - 0.5) ** 2) * 2)
-    light = rng.uniform(0.75, 1.15) * (1.0 + rng.uniform(0.1, 0.6) * gradient) * vignette
+    vignette = 1.0 - rng.uniform(0.05, 0.25) * (((xs / width - 0.5) ** 2 + (ys / height - 0.5) ** 2) * 2)
+    light = rng.uniform(0.9, 1.08) * (1.0 + rng.uniform(0.05, 0.25) * gradient) * vignette
     cast = rng.uniform(0.94, 1.06, 3).astype(np.float32)  # the camera's white balance
     deck = np.clip(deck * cast, 0, 1).astype(np.float32)
     offset = int(0.015 * width)
@@ -363,46 +364,52 @@ def fish_spec(rng: np.random.Generator, label: str) -> dict:
          "back": _jitter(rng, _rgb(28, 38, 76)), "belly": _jitter(rng, _rgb(192, 196, 206)),
          "band": None, "pattern": None, "tail": "lunate", "tail_depth": 0.2, "tail_span": 1.1,
          "tail_edge": None, "dorsal1": (0.56, 0.68, 0.25), "dorsal2": (0.38, 0.45, 0.3),
-         "anal": (0.36, 0.43, 0.3), "finlets": True, "pectoral": 0.2, "eye": 0.065, "bill": 0.0}
+         "anal": (0.36, 0.43, 0.3), "finlets": True, "pectoral": 0.2, "eye": 0.065, "bill": 0.0,
+         "pec_edge": None, "finlet_size": 1.0, "band_width": 0.06, "size": 1.0}
     fin_dark = _jitter(rng, _rgb(50, 55, 68), 0.15)
     s.update(fin_d1=fin_dark, fin_d2=fin_dark, fin_anal=fin_dark, fin_tail=fin_dark, fin_pec=fin_dark,
              finlet=fin_dark)
     if label == "ALB":
         dusky = (_rgb(150, 140, 90) * rng.uniform(0.5, 1.0)).astype(np.float32)
-        s.update(elong=rng.uniform(3.1, 3.7), pectoral=rng.uniform(0.38, 0.5), tail_edge=_rgb(235, 235, 230),
-                 dorsal2=(0.38, 0.45, rng.uniform(0.22, 0.35)), fin_d2=dusky,
-                 band=(_rgb(80, 100, 150), 0.42, rng.uniform(0.0, 0.25)))
+        s.update(elong=rng.uniform(3.1, 3.7), pectoral=rng.uniform(0.42, 0.55), tail_edge=_rgb(240, 240, 236),
+                 back=_jitter(rng, _rgb(78, 104, 150)), belly=_jitter(rng, _rgb(228, 232, 240), 0.04),
+                 lat=rng.uniform(0.3, 0.42), fin_pec=_jitter(rng, _rgb(60, 72, 100), 0.1),
+                 pec_edge=_rgb(240, 240, 236), dorsal2=(0.38, 0.45, rng.uniform(0.22, 0.35)), fin_d2=dusky,
+                 band=(_rgb(150, 175, 215), 0.4, rng.uniform(0.3, 0.6)))
     elif label == "BET":
-        yellow = _jitter(rng, _rgb(190, 165, 60), 0.2)
-        dusky = 0.55 * yellow + 0.45 * fin_dark
-        s.update(elong=rng.uniform(2.6, 3.1), pectoral=rng.uniform(0.24, 0.34), eye=rng.uniform(0.09, 0.11),
-                 dorsal2=(0.38, 0.45, rng.uniform(0.3, 0.5)), anal=(0.36, 0.43, rng.uniform(0.3, 0.5)),
-                 fin_d2=dusky, fin_anal=dusky, finlet=yellow,
-                 band=(_rgb(70, 110, 190), 0.38, rng.uniform(0.2, 0.5)))
+        yellow = _jitter(rng, _rgb(245, 210, 40), 0.1)
+        dusky = 0.6 * yellow + 0.4 * fin_dark
+        s.update(elong=rng.uniform(2.5, 3.0), pectoral=rng.uniform(0.24, 0.34), eye=rng.uniform(0.09, 0.11),
+                 back=_jitter(rng, _rgb(30, 16, 50)), belly=_jitter(rng, _rgb(200, 190, 215)),
+                 lat=rng.uniform(0.55, 0.68), dorsal2=(0.38, 0.45, rng.uniform(0.3, 0.5)),
+                 anal=(0.36, 0.43, rng.uniform(0.3, 0.5)), fin_d2=dusky, fin_anal=dusky, finlet=yellow,
+                 finlet_size=1.8, band=(_rgb(120, 70, 200), 0.4, rng.uniform(0.5, 0.8)))
     elif label == "YFT":
-        yellow = _jitter(rng, _rgb(240, 200, 35), 0.12)
-        s.update(elong=rng.uniform(3.3, 3.9), pectoral=rng.uniform(0.17, 0.26),
-                 dorsal2=(0.37, 0.45, rng.uniform(0.55, 1.0)), anal=(0.35, 0.43, rng.uniform(0.55, 1.0)),
-                 fin_d2=yellow, fin_anal=yellow, finlet=yellow,
-                 band=(_rgb(235, 190, 40), 0.42, rng.uniform(0.25, 0.7)),
+        yellow = _jitter(rng, _rgb(250, 205, 25), 0.08)
+        s.update(elong=rng.uniform(3.2, 3.8), pectoral=rng.uniform(0.17, 0.26),
+                 dorsal2=(0.37, 0.45, rng.uniform(0.7, 1.1)), anal=(0.35, 0.43, rng.uniform(0.7, 1.1)),
+                 fin_d2=yellow, fin_anal=yellow, finlet=yellow, fin_tail=0.5 * yellow + 0.5 * fin_dark,
+                 band=(_rgb(250, 200, 30), 0.42, rng.uniform(0.75, 1.0)), band_width=0.12,
                  pattern=("bars", _rgb(225, 228, 235), 0.25))
     elif label == "DOL":
-        green, gold = _jitter(rng, _rgb(40, 145, 95), 0.2), _jitter(rng, _rgb(232, 205, 60), 0.12)
-        fin = _jitter(rng, _rgb(30, 95, 120), 0.2)
+        green, gold = _jitter(rng, _rgb(30, 180, 150), 0.15), _jitter(rng, _rgb(175, 220, 50), 0.1)
+        fin = _jitter(rng, _rgb(30, 120, 200), 0.15)
         s.update(elong=rng.uniform(3.6, 4.4), a=1.3, b=0.35, back=green, belly=gold,
                  lat=rng.uniform(0.35, 0.5), tail="forked", tail_depth=0.22, tail_span=1.3,
                  dorsal1=(0.1, 0.93, 0.22), dorsal2=None, anal=(0.08, 0.45, 0.2), finlets=False,
                  pectoral=0.12, fin_d1=fin, fin_anal=fin, fin_tail=0.5 * fin + 0.5 * gold, fin_pec=gold,
                  pattern=("spots", _rgb(40, 90, 170), 0.8))
     elif label == "LAG":
-        red = _jitter(rng, _rgb(205, 45, 40), 0.15)
-        s.update(elong=rng.uniform(1.6, 2.0), a=0.7, b=0.55, ped=0.12, back=_jitter(rng, _rgb(100, 105, 150)),
-                 belly=_jitter(rng, _rgb(215, 165, 165)), tail_depth=0.18, tail_span=0.7,
+        red = _jitter(rng, _rgb(215, 35, 35), 0.1)
+        s.update(elong=rng.uniform(1.6, 2.0), a=0.7, b=0.55, ped=0.12, back=_jitter(rng, _rgb(150, 60, 95)),
+                 belly=_jitter(rng, _rgb(230, 120, 120)), tail_depth=0.18, tail_span=0.7,
                  dorsal1=(0.55, 0.75, 0.65), dorsal2=(0.15, 0.5, 0.08), anal=(0.15, 0.45, 0.08),
                  finlets=False, pectoral=0.25, eye=0.07, fin_d1=red, fin_d2=red, fin_anal=red, fin_tail=red,
                  fin_pec=red, pattern=("spots", _rgb(238, 238, 235), 1.0))
     elif label == "SHARK":
-        grey = _jitter(rng, _rgb(112, 116, 122), 0.15)
+        # Mostly blue sharks, the longliners' usual shark: a vivid indigo back; the rest silky or mako grey.
+        blue = rng.random() < 0.7
+        grey = _jitter(rng, _rgb(60, 110, 230) if blue else _rgb(112, 116, 122), 0.1)
         s.update(elong=rng.uniform(5.0, 6.5), a=1.0, b=0.65, ped=0.12, back=grey,
                  belly=_jitter(rng, _rgb(215, 215, 208)), lat=rng.uniform(0.55, 0.7), tail="shark",
                  tail_depth=0.28, tail_span=1.6, dorsal1=(0.48, 0.62, rng.uniform(0.8, 1.1)),
@@ -435,13 +442,13 @@ def _odd_fish(rng: np.random.Generator) -> dict:
                     pattern=("stripes", _rgb(120, 170, 230), 0.6), fin_d1=blue, fin_tail=blue)
     if kind == "sunfish":
         grey = _jitter(rng, _rgb(145, 145, 138), 0.12)
-        return dict(elong=rng.uniform(1.3, 1.6), a=0.6, b=0.6, ped=0.5, back=grey, belly=grey * 1.2,
+        return dict(elong=rng.uniform(1.3, 1.6), size=0.6, a=0.6, b=0.6, ped=0.5, back=grey, belly=grey * 1.2,
                     tail="truncate", tail_depth=0.06, tail_span=0.9, dorsal1=(0.12, 0.25, 0.9), dorsal2=None,
                     anal=(0.12, 0.25, 0.9), finlets=False, fin_d1=grey, fin_anal=grey, fin_tail=grey,
                     pectoral=0.08, eye=0.05)
     if kind == "trigger":
         brown = _jitter(rng, _rgb(125, 102, 80), 0.15)
-        return dict(elong=rng.uniform(2.0, 2.4), back=brown, belly=_jitter(rng, _rgb(175, 160, 140)),
+        return dict(elong=rng.uniform(2.0, 2.4), size=0.75, back=brown, belly=_jitter(rng, _rgb(175, 160, 140)),
                     tail="truncate", tail_depth=0.12, dorsal1=(0.2, 0.4, 0.5), dorsal2=(0.55, 0.62, 0.3),
                     anal=(0.2, 0.4, 0.45), finlets=False, fin_d1=brown, fin_d2=brown, fin_anal=brown,
                     fin_tail=brown, pattern=("spots", _rgb(80, 120, 170), 0.5))
@@ -514,8 +521,9 @@ def render_fish(rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarr
         for tt in np.linspace(0.05, 0.32, 6):
             for sign in (1.0, -1.0):
                 x, y = edge_point(float(tt), sign)
-                _fill(rgb, alpha, np.array([(x + 3, y), (x - 2, y - sign * 0.08 * depth), (x - 3, y)]),
-                      s["finlet"])
+                k = s["finlet_size"]
+                _fill(rgb, alpha, np.array([(x + 3 * k, y), (x - 2 * k, y - sign * 0.08 * k * depth),
+                                            (x - 3 * k, y)]), s["finlet"])
     if s["bill"] > 0:
         _fill(rgb, alpha, np.array([(SNOUT_X - 6, MID_Y - 3), (SNOUT_X + s["bill"] * BODY_LEN, MID_Y + 1),
                                     (SNOUT_X - 6, MID_Y + 3)]), s["back"])
@@ -536,7 +544,7 @@ def render_fish(rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarr
     colour = s["back"] * (1 - w_belly) + s["belly"] * w_belly
     if s["band"] is not None:
         band_col, pos, strength = s["band"]
-        band = strength * np.exp(-(((vv - pos) / 0.06) ** 2)) * ((tt > 0.12) & (tt < 0.88))
+        band = strength * np.exp(-(((vv - pos) / s["band_width"]) ** 2)) * ((tt > 0.12) & (tt < 0.88))
         colour += (band_col - colour) * band[..., None]
     if s["pattern"] is not None:
         kind, pcol, strength = s["pattern"]
@@ -563,8 +571,10 @@ def render_fish(rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarr
     if s["pectoral"] > 0:
         ox, oy = edge_point(0.78, 1.0)[0], MID_Y + 0.05 * depth
         length, width = s["pectoral"] * BODY_LEN, max(3.0, 0.09 * depth)
-        _fill(rgb, alpha, np.array([(ox, oy - width), (ox - length, oy + 0.15 * depth),
-                                    (ox - 0.15 * length, oy + width)]), s["fin_pec"])
+        pec = np.array([(ox, oy - width), (ox - length, oy + 0.15 * depth), (ox - 0.15 * length, oy + width)])
+        _fill(rgb, alpha, pec, s["fin_pec"])
+        if s["pec_edge"] is not None:
+            cv2.polylines(rgb, _pts(pec[1:]), False, s["pec_edge"].tolist(), 3, cv2.LINE_AA, shift=3)
     eye = (int(edge_point(0.915, 1.0)[0] * 8), int((MID_Y - 0.1 * depth) * 8))
     radius = max(2.0, s["eye"] * depth * 1.6)
     cv2.circle(rgb, eye, int(radius * 8), (0.75, 0.72, 0.6), -1, cv2.LINE_AA, shift=3)
@@ -579,10 +589,11 @@ def place_fish(rng: np.random.Generator, img: np.ndarray, label: str, shadow: tu
                scale: float = 1.0) -> np.ndarray:
     """Lay one fish of `label` on `img` (float RGB, changed in place); returns its canvas-to-frame matrix."""
     h, w = img.shape[:2]
-    rgb, alpha, (tail_x, nose_x) = render_fish(rng, fish_spec(rng, label))
+    spec = fish_spec(rng, label)
+    rgb, alpha, (tail_x, nose_x) = render_fish(rng, spec)
     if rng.random() < 0.5:  # lying on its other side
         rgb, alpha = rgb[::-1].copy(), alpha[::-1].copy()
-    frac = rng.uniform(*FISH_LENGTH[label]) * scale
+    frac = rng.uniform(*FISH_LENGTH[label]) * scale * spec["size"]
     centre = (tail_x + nose_x) / 2
     M = cv2.getRotationMatrix2D((centre, MID_Y), float(rng.uniform(0, 360)), frac * w / (nose_x - tail_x))
     M[:, 2] += np.array([rng.uniform(0.22, 0.78) * w, rng.uniform(0.25, 0.75) * h]) - [centre, MID_Y]
@@ -656,10 +667,10 @@ def _person(rng: np.random.Generator, img: np.ndarray, hands: list[np.ndarray]) 
         _glove(rng, img, hand, glove)
 
 
-def _clutter(rng: np.random.Generator, img: np.ndarray) -> None:
-    """Loose things that move between frames: buckets, blood or water stains, tools."""
+def _clutter(rng: np.random.Generator, img: np.ndarray, most: int = 3) -> None:
+    """Loose things that move between frames (at most `most`): buckets, blood or water stains, tools."""
     h, w = img.shape[:2]
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, most + 1))):
         x, y = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
         kind = rng.integers(3)
         if kind == 0:
@@ -697,7 +708,7 @@ def draw_scene(rng: np.random.Generator, boat: Boat, label: str, night: bool) ->
     w, h = boat.width, boat.height
     shake = np.float32([[1, 0, rng.uniform(-3, 3)], [0, 1, rng.uniform(-3, 3)]])  # the mast sways
     img = cv2.warpAffine(boat.deck, shake, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    _clutter(rng, img)
+    _clutter(rng, img, 3 if label == "NoF" else 1)
     hands = [rng.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h]) for _ in range(2)]
     if label != "NoF":
         for _ in range(int(rng.choice(len(EXTRA_FISH), p=EXTRA_FISH))):  # first, so the main fish is on top
@@ -705,14 +716,14 @@ def draw_scene(rng: np.random.Generator, boat: Boat, label: str, night: bool) ->
         M = place_fish(rng, img, label, boat.shadow)
         hands = [_on_fish(rng, M) for _ in range(2)]
         cover = rng.random()
-        if cover < 0.2:
+        if cover < 0.12:
             _glove(rng, img, hands[0], _pick(rng, GEAR_COLOURS))
-        elif cover < 0.32:
+        elif cover < 0.18:
             _net(rng, img, hands[0])
     # Crew show up in most empty frames (sorting, hosing down) and handle the catch in some of the others.
-    if rng.random() < (0.55 if label == "NoF" else 0.3):
+    if rng.random() < (0.4 if label == "NoF" else 0.12):
         _person(rng, img, hands)
-    img *= boat.light * rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
+    img *= boat.light * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
     if night:
         img = _night_vision(rng, img)
     else:
