@@ -30,9 +30,7 @@ def _run(cmd, cwd):
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    work = tmp_path_factory.mktemp("project")
+def _make_project(work, **overrides):
     shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     tiny_params(
@@ -44,12 +42,37 @@ def project(tmp_path_factory):
             "demo.n_test_stg2": 24,
             "demo.width": 192,
             "model.backbones": ["vgg16", "resnet50"],
+            **overrides,
         },
     )
     _run([DVC, "init", "--no-scm", "-q"], work)
     shutil.copytree(ROOT / ".dvc" / "plots", work / ".dvc" / "plots", dirs_exist_ok=True)
     _run([DVC, "repro", "score"], work)
     return work
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return _make_project(tmp_path_factory.mktemp("project"))
+
+
+def test_kaggle_download_with_bad_files_goes_on_to_valid_submissions(tmp_path):
+    """A Kaggle-style download (real zip and 7z, planted bad files and zip-slip entries) through dvc repro."""
+    from tests.test_ingest import make_download
+
+    work = tmp_path / "kaggle_project"
+    work.mkdir()
+    download = make_download(work)
+    _make_project(work, **{"data.source": "kaggle", "model.backbones": ["vgg16"], "cv.n_folds": 2})
+    report = read_json(work / "reports/ingest_report.json")
+    assert len(report["quarantine"]) == len(download.bad)
+    for stage in ("stg1", "stg2"):
+        sub = pd.read_csv(work / f"reports/submission_{stage}.csv")
+        sample = pd.read_csv(work / f"data/interim/sample_submission_{stage}.csv")
+        assert list(sub.columns) == HEADER and sorted(sub["image"]) == sorted(sample["image"])
+        np.testing.assert_allclose(sub[list(FISH_CLASSES)].sum(1), 1, atol=1e-6)
+    for name in download.evil_names:
+        assert not list(tmp_path.parent.rglob(name)), f"{name} escaped its archive"
 
 
 def test_submissions_hold_exactly_the_sample_rows(project):
