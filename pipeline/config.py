@@ -77,6 +77,7 @@ class Demo:
     new_boats: int
     width: int
     night_share: float
+    burst: float
     seed: int
 
 

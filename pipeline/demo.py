@@ -126,6 +126,8 @@ def plan(cfg: Demo) -> pd.DataFrame:
         raise ValueError("image numbers have five digits: at most 99,999 images per numbering")
     if not 0.0 <= cfg.night_share <= 1.0 or cfg.width < 64 or min(cfg.n_test_stg1, cfg.n_test_stg2) < 0:
         raise ValueError("demo.night_share must lie in [0, 1], demo.width be at least 64, test sizes >= 0")
+    if cfg.burst < 1.0:
+        raise ValueError("demo.burst (mean frames per catch) must be at least 1")
     rng = np.random.default_rng([cfg.seed, 0])
     # Uneven boats, as on Kaggle where a few boats shot most of the frames.
     train_boats = np.arange(cfg.train_boats)
@@ -145,12 +147,11 @@ def plan(cfg: Demo) -> pd.DataFrame:
         # Each class is spread over the boats in their shares: in a few hundred frames, chance ties between
         # a boat and a class would be the easiest thing for a model to learn, and the least true.
         boat = boats[_interleave(rng, allocate(n, weights, 1 if n >= len(boats) else 0))]
-        night = np.zeros(n, dtype=bool)
-        night[rng.choice(n, int(round(cfg.night_share * n)), replace=False)] = True
         order = rng.permutation(n)
-        parts.append(pd.DataFrame({"split": split, "label": labels[order], "boat": boat[order],
-                                   "night": rng.permutation(night)}))
+        parts.append(pd.DataFrame({"split": split, "label": labels[order], "boat": boat[order]}))
     rows = pd.concat(parts, ignore_index=True)
+    rows["event"] = _bursts(rng, rows, cfg.burst)
+    rows["night"] = _night_events(rng, rows, cfg.night_share)
 
     first = (rows.split != "test_stg2").to_numpy()
     numbers = np.zeros(len(rows), dtype=int)
@@ -164,7 +165,41 @@ def plan(cfg: Demo) -> pd.DataFrame:
         for split, lab, img in zip(rows.split, rows.label, rows.image, strict=True)
     ]
     rows.insert(0, "key", np.arange(len(rows)))
-    return rows[["key", "image", "path", "split", "label", "boat", "night"]]
+    return rows[["key", "image", "path", "split", "label", "boat", "event", "night"]]
+
+
+def _bursts(rng: np.random.Generator, rows: pd.DataFrame, burst: float) -> np.ndarray:
+    """Event number of every row: the frames one catch was filmed in.
+
+    The cameras record video, so one fish on deck shows up in a run of nearly identical frames; that, more
+    than the deck, is what a random split leaks. Runs are 1 + Poisson(`burst` - 1) frames of one boat and
+    class. Train and stage 1 come from the same trips, so a run may straddle them (Kaggle's stage-1 test
+    held near-copies of training frames); stage 2 has runs of its own.
+    """
+    event = np.empty(len(rows), dtype=int)
+    stage = np.where(rows.split == "test_stg2", 2, 1)
+    number = 0
+    for idx in rows.groupby([stage, rows.boat, rows.label], sort=True).indices.values():
+        idx = rng.permutation(idx)
+        while len(idx):
+            size = 1 + int(rng.poisson(burst - 1.0))
+            event[idx[:size]] = number
+            idx, number = idx[size:], number + 1
+    return event
+
+
+def _night_events(rng: np.random.Generator, rows: pd.DataFrame, share: float) -> np.ndarray:
+    """Night flag of every row, a whole event at a time, so that each stage's night share is close to `share`."""
+    night = np.zeros(len(rows), dtype=bool)
+    stage = (rows.split == "test_stg2").to_numpy()
+    for in_stage in (~stage, stage):
+        target, taken = share * in_stage.sum(), 0
+        for event in rng.permutation(rows.event[in_stage].unique()):
+            frames = (rows.event == event).to_numpy()
+            if abs(taken + frames.sum() - target) < abs(taken - target):
+                night |= frames
+                taken += int(frames.sum())
+    return night
 
 
 # ----------------------------------------------------------------------------------------- the boats
@@ -586,8 +621,12 @@ def render_fish(rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarr
 
 
 def place_fish(rng: np.random.Generator, img: np.ndarray, label: str, shadow: tuple[int, int] = (0, 0),
-               scale: float = 1.0) -> np.ndarray:
-    """Lay one fish of `label` on `img` (float RGB, changed in place); returns its canvas-to-frame matrix."""
+               scale: float = 1.0, nudge: np.ndarray | None = None) -> np.ndarray:
+    """Lay one fish of `label` on `img` (float RGB, changed in place); returns its canvas-to-frame matrix.
+
+    `nudge` (a 2x3 affine in frame pixels) moves the fish after `rng` has placed it: the same fish, handled
+    between two frames of a burst.
+    """
     h, w = img.shape[:2]
     spec = fish_spec(rng, label)
     rgb, alpha, (tail_x, nose_x) = render_fish(rng, spec)
@@ -597,6 +636,8 @@ def place_fish(rng: np.random.Generator, img: np.ndarray, label: str, shadow: tu
     centre = (tail_x + nose_x) / 2
     M = cv2.getRotationMatrix2D((centre, MID_Y), float(rng.uniform(0, 360)), frac * w / (nose_x - tail_x))
     M[:, 2] += np.array([rng.uniform(0.22, 0.78) * w, rng.uniform(0.25, 0.75) * h]) - [centre, MID_Y]
+    if nudge is not None:
+        M = nudge @ np.vstack([M, [0.0, 0.0, 1.0]])
     fish = cv2.warpAffine(rgb, M, (w, h), flags=cv2.INTER_LINEAR)
     a = cv2.warpAffine(alpha, M, (w, h), flags=cv2.INTER_LINEAR)
     dark = np.roll(cv2.GaussianBlur(a, (0, 0), max(1.0, 0.01 * w)), shadow, axis=(1, 0))
@@ -703,33 +744,47 @@ def _night_vision(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return lum[..., None] * np.array([0.55, 1.0, 0.5], np.float32) * rng.uniform(0.8, 1.2)
 
 
-def draw_scene(rng: np.random.Generator, boat: Boat, label: str, night: bool) -> np.ndarray:
-    """One frame from `boat`'s camera with fish of class `label` (none for NoF): RGB uint8 (H, W, 3)."""
+def _nudge(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A small move of a handled fish between frames: a few degrees, a few per cent of the frame."""
+    centre = rng.uniform([0.3 * w, 0.3 * h], [0.7 * w, 0.7 * h])
+    M = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(rng.normal(0, 4)), 1.0)
+    M[:, 2] += rng.normal(0, 0.02, 2) * [w, h]
+    return M
+
+
+def draw_scene(scene: np.random.Generator, frame: np.random.Generator, boat: Boat, label: str,
+               night: bool) -> np.ndarray:
+    """One frame from `boat`'s camera with fish of class `label` (none for NoF): RGB uint8 (H, W, 3).
+
+    `scene` draws what a burst of frames shares (the fish, the crew, the loose gear): give every frame of one
+    catch a generator in the same state. `frame` draws what changes from frame to frame: the mast's sway,
+    the fish moved by hand, the light, the sensor noise and the blur.
+    """
     w, h = boat.width, boat.height
-    shake = np.float32([[1, 0, rng.uniform(-3, 3)], [0, 1, rng.uniform(-3, 3)]])  # the mast sways
+    shake = np.float32([[1, 0, frame.uniform(-3, 3)], [0, 1, frame.uniform(-3, 3)]])  # the mast sways
     img = cv2.warpAffine(boat.deck, shake, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    _clutter(rng, img, 3 if label == "NoF" else 1)
-    hands = [rng.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h]) for _ in range(2)]
+    _clutter(scene, img, 3 if label == "NoF" else 1)
+    hands = [scene.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h]) for _ in range(2)]
     if label != "NoF":
-        for _ in range(int(rng.choice(len(EXTRA_FISH), p=EXTRA_FISH))):  # first, so the main fish is on top
-            place_fish(rng, img, label, boat.shadow, scale=rng.uniform(0.7, 1.0))
-        M = place_fish(rng, img, label, boat.shadow)
-        hands = [_on_fish(rng, M) for _ in range(2)]
-        cover = rng.random()
+        for _ in range(int(scene.choice(len(EXTRA_FISH), p=EXTRA_FISH))):  # first, so the main fish is on top
+            place_fish(scene, img, label, boat.shadow, scale=scene.uniform(0.7, 1.0))
+        M = place_fish(scene, img, label, boat.shadow, nudge=_nudge(frame, w, h))
+        hands = [_on_fish(scene, M) for _ in range(2)]
+        cover = scene.random()
         if cover < 0.12:
-            _glove(rng, img, hands[0], _pick(rng, GEAR_COLOURS))
+            _glove(scene, img, hands[0], _pick(scene, GEAR_COLOURS))
         elif cover < 0.18:
-            _net(rng, img, hands[0])
+            _net(scene, img, hands[0])
     # Crew show up in most empty frames (sorting, hosing down) and handle the catch in some of the others.
-    if rng.random() < (0.4 if label == "NoF" else 0.12):
-        _person(rng, img, hands)
-    img *= boat.light * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
+    if scene.random() < (0.4 if label == "NoF" else 0.12):
+        _person(scene, img, hands)
+    img *= boat.light * frame.uniform(0.9, 1.1) * frame.uniform(0.95, 1.05, 3).astype(np.float32)
     if night:
-        img = _night_vision(rng, img)
+        img = _night_vision(frame, img)
     else:
-        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.006, 0.018))
-    if rng.random() < 0.15:  # the lens fogs or the boat rolls during the exposure
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.6, 1.2))
+        img += frame.standard_normal(img.shape, dtype=np.float32) * np.float32(frame.uniform(0.006, 0.018))
+    if frame.random() < 0.15:  # the lens fogs or the boat rolls during the exposure
+        img = cv2.GaussianBlur(img, (0, 0), frame.uniform(0.6, 1.2))
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
@@ -742,6 +797,16 @@ def boat_rng(seed: int, boat_id: int) -> np.random.Generator:
 
 def image_rng(seed: int, key: int) -> np.random.Generator:
     return np.random.default_rng([seed, 2, key])
+
+
+def event_rng(seed: int, event: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 3, event])
+
+
+def draw_row(seed: int, row, boats: dict[int, Boat]) -> np.ndarray:
+    """The frame of one `plan` row (a named tuple), from its event's scene and its own frame generator."""
+    return draw_scene(event_rng(seed, row.event), image_rng(seed, row.key), boats[row.boat], row.label,
+                      bool(row.night))
 
 
 def encode_jpeg(rgb: np.ndarray) -> bytes:
@@ -776,7 +841,7 @@ def write_demo(cfg: Demo, out_dir: Path | str) -> pd.DataFrame:
     for folder in [*(f"train/{c}" for c in FISH_CLASSES), "test_stg1", "test_stg2"]:
         (tmp / folder).mkdir(parents=True)
     for row in rows.itertuples(index=False):
-        image = draw_scene(image_rng(cfg.seed, row.key), boats[row.boat], row.label, bool(row.night))
+        image = draw_row(cfg.seed, row, boats)
         (tmp / row.path).write_bytes(encode_jpeg(image))
 
     stg1, stg2 = rows[rows.split == "test_stg1"], rows[rows.split == "test_stg2"]
@@ -785,7 +850,8 @@ def write_demo(cfg: Demo, out_dir: Path | str) -> pd.DataFrame:
     solution = rows[rows.split != "train"].assign(stage=lambda d: np.where(d.split == "test_stg1", 1, 2))
     solution = solution.sort_values(["stage", "image"])[["image", "label", "stage"]]
     solution.to_csv(tmp / "solution.csv", index=False)
-    rows.sort_values(["split", "image"])[["image", "split", "boat"]].to_csv(tmp / "boats.csv", index=False)
+    rows.sort_values(["split", "image"])[["image", "split", "boat", "event"]].to_csv(tmp / "boats.csv",
+                                                                                     index=False)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)

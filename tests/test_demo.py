@@ -20,7 +20,7 @@ from pipeline.config import FISH_CLASSES, Demo
 from pipeline.metrics import kaggle_log_loss, prior_log_loss
 
 TINY = Demo(n_train=48, n_test_stg1=12, n_test_stg2=16, train_boats=3, new_boats=2, width=96,
-            night_share=0.25, seed=7)
+            night_share=0.25, burst=2.0, seed=7)
 HEADER = "image,ALB,BET,DOL,LAG,NoF,OTHER,SHARK,YFT"
 
 
@@ -111,7 +111,7 @@ def test_solution_labels_every_test_image(tiny):
 def test_boats_file_and_stage2_boats_are_new(tiny):
     out, rows = tiny
     boats = pd.read_csv(out / "boats.csv")
-    assert list(boats.columns) == ["image", "split", "boat"]
+    assert list(boats.columns) == ["image", "split", "boat", "event"]
     assert sorted(boats.image) == sorted(rows.image) and boats.image.is_unique
     seen = set(boats.boat[boats.split != "test_stg2"])
     new = set(boats.boat[boats.split == "test_stg2"])
@@ -120,13 +120,13 @@ def test_boats_file_and_stage2_boats_are_new(tiny):
 
 
 def test_class_shares_follow_the_real_training_set():
-    real = plan_counts(Demo(3777, 1000, 12153, 6, 3, 320, 0.15, 1), "train")
+    real = plan_counts(Demo(3777, 1000, 12153, 6, 3, 320, 0.15, 3.0, 1), "train")
     assert real == demo.TRAIN_COUNTS
-    small = plan_counts(Demo(400, 100, 200, 6, 3, 320, 0.15, 1), "train")
+    small = plan_counts(Demo(400, 100, 200, 6, 3, 320, 0.15, 3.0, 1), "train")
     shares = {c: n / 400 for c, n in small.items()}
     assert min(small.values()) >= demo.MIN_TRAIN_PER_CLASS
     assert all(abs(shares[c] - demo.TRAIN_COUNTS[c] / 3777) < 0.01 for c in FISH_CLASSES)
-    stage2 = plan_counts(Demo(400, 100, 1000, 6, 3, 320, 0.15, 1), "test_stg2")
+    stage2 = plan_counts(Demo(400, 100, 1000, 6, 3, 320, 0.15, 3.0, 1), "test_stg2")
     assert stage2["BET"] == 108 and stage2["SHARK"] == 12
     assert stage2["ALB"] / stage2["YFT"] == pytest.approx(1719 / 734, rel=0.02)
 
@@ -137,7 +137,7 @@ def plan_counts(cfg: Demo, split: str) -> dict[str, int]:
 
 
 def test_names_do_not_reveal_class_or_split():
-    rows = demo.plan(Demo(600, 200, 100, 6, 3, 320, 0.15, 3))
+    rows = demo.plan(Demo(600, 200, 100, 6, 3, 320, 0.15, 3.0, 3))
     first = rows[rows.split != "test_stg2"]
     numbers = first.image.str.slice(4, 9).astype(int)
     assert numbers.is_unique
@@ -150,12 +150,14 @@ def test_names_do_not_reveal_class_or_split():
 
 
 def test_night_frames_follow_the_share_and_look_like_night_vision():
-    rows = demo.plan(Demo(400, 100, 200, 6, 3, 320, 0.15, 5))
-    for split, n in (("train", 400), ("test_stg1", 100), ("test_stg2", 200)):
-        assert rows[rows.split == split].night.sum() == round(0.15 * n)
+    rows = demo.plan(Demo(400, 100, 200, 6, 3, 320, 0.15, 3.0, 5))
+    stage2 = rows.split == "test_stg2"
+    assert abs(rows[~stage2].night.sum() - 0.15 * 500) <= 3  # whole bursts at a time
+    assert abs(rows[stage2].night.sum() - 0.15 * 200) <= 3
+    assert rows.groupby("event").night.nunique().max() == 1
     boat = demo.draw_boat(demo.boat_rng(5, 0), 0, 128)
-    night = demo.draw_scene(demo.image_rng(5, 0), boat, "ALB", True).astype(float)
-    day = demo.draw_scene(demo.image_rng(5, 0), boat, "ALB", False).astype(float)
+    night = demo.draw_scene(demo.event_rng(5, 0), demo.image_rng(5, 0), boat, "ALB", True).astype(float)
+    day = demo.draw_scene(demo.event_rng(5, 0), demo.image_rng(5, 0), boat, "ALB", False).astype(float)
     r, g, b = night.reshape(-1, 3).mean(axis=0)
     assert g > 1.4 * r and g > 1.4 * b
     assert night[..., 1].std() < day.mean(axis=2).std()  # flatter than daylight
@@ -163,11 +165,36 @@ def test_night_frames_follow_the_share_and_look_like_night_vision():
     assert g < 1.2 * min(r, b)
 
 
+def test_bursts_are_runs_of_one_catch_on_one_boat_some_reaching_into_stage_1():
+    rows = demo.plan(Demo(400, 100, 200, 6, 3, 320, 0.15, 3.0, 5))
+    events = rows.groupby("event")
+    assert events.boat.nunique().max() == 1 and events.label.nunique().max() == 1
+    assert events.size().mean() == pytest.approx(3.0, rel=0.25)
+    splits = events.split.agg(set)
+    assert any(s == {"train", "test_stg1"} for s in splits)  # Kaggle's stage 1 held near-copies of train
+    assert not any("test_stg2" in s and len(s) > 1 for s in splits)
+    assert (demo.plan(Demo(400, 100, 200, 6, 3, 320, 0.15, 1.0, 5)).groupby("event").size() == 1).all()
+
+
+def test_frames_of_one_burst_are_near_copies_and_other_catches_are_not():
+    rows = demo.plan(Demo(120, 0, 0, 2, 0, 160, 0.0, 3.0, 9)).query("label != 'NoF'")
+    boats = {b: demo.draw_boat(demo.boat_rng(9, b), b, 160) for b in (0, 1)}
+    sizes = rows.groupby("event").size()
+    first, second = rows[rows.event == sizes.index[sizes >= 2][0]].iloc[:2].itertuples()
+    other = rows[(rows.boat == first.boat) & (rows.label == first.label) & (rows.event != first.event)].iloc[0]
+
+    def frame(row) -> np.ndarray:
+        return demo.draw_row(9, row, boats).astype(float)
+
+    same, different = np.abs(frame(first) - frame(second)).mean(), np.abs(frame(first) - frame(other)).mean()
+    assert 0 < same < 0.6 * different, (same, different)
+
+
 def test_each_image_can_be_redrawn_alone(tiny):
     out, rows = tiny
     boats = {b: demo.draw_boat(demo.boat_rng(TINY.seed, b), b, TINY.width) for b in (0, TINY.train_boats)}
     for row in rows[rows.boat.isin(boats)].iloc[[0, -1]].itertuples():
-        image = demo.draw_scene(demo.image_rng(TINY.seed, row.key), boats[row.boat], row.label, row.night)
+        image = demo.draw_row(TINY.seed, row, boats)
         assert demo.encode_jpeg(image) == (out / row.path).read_bytes()
 
 
@@ -220,11 +247,10 @@ def _hue_histogram(img: np.ndarray) -> np.ndarray:
 
 
 def test_colour_histograms_beat_the_prior_across_unseen_boats_but_do_not_solve_it():
-    cfg = Demo(300, 0, 0, 6, 0, 128, 0.15, 2017)
+    cfg = Demo(300, 0, 0, 6, 0, 128, 0.15, 3.0, 2017)
     rows = demo.plan(cfg)
     boats = {b: demo.draw_boat(demo.boat_rng(cfg.seed, b), b, cfg.width) for b in range(cfg.train_boats)}
-    frames = (demo.draw_scene(demo.image_rng(cfg.seed, r.key), boats[r.boat], r.label, r.night)
-              for r in rows.itertuples())
+    frames = (demo.draw_row(cfg.seed, r, boats) for r in rows.itertuples())
     X = np.stack([_hue_histogram(frame) for frame in frames])
     y = rows.label.map(FISH_CLASSES.index).to_numpy()
     oof = np.full((len(y), len(FISH_CLASSES)), 1e-3)
@@ -240,7 +266,7 @@ def test_main_writes_the_configured_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(
         "data:\n  source: demo\n  demo_dir: raw/demo\n  kaggle_dir: raw/kaggle\n"
         "demo:\n  n_train: 40\n  n_test_stg1: 4\n  n_test_stg2: 4\n  train_boats: 2\n  new_boats: 1\n"
-        "  width: 64\n  night_share: 0.1\n  seed: 1\n"
+        "  width: 64\n  night_share: 0.1\n  burst: 2.0\n  seed: 1\n"
     )
     monkeypatch.chdir(tmp_path)
     demo.main()
