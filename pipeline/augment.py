@@ -64,22 +64,31 @@ class AugmentedBatches(keras.utils.PyDataset):
     """Online augmentation for fine-tuning: shuffled batches of policy draws read from the image cache.
 
     Reads the memory-mapped working-resolution cache, so no JPEG is decoded during training; worker threads
-    overlap augmentation with the model's step.
+    overlap augmentation with the model's step. With `replicas` > 1 (a `tf.distribute` strategy's
+    `num_replicas_in_sync`) the last batch of an epoch is cut to a multiple of it, since Keras fails on a
+    batch that does not split evenly over the replicas; the few rows left out change every epoch.
     """
 
-    def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, **kwargs):
+    def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, replicas=1, **kwargs):
         super().__init__(workers=workers, **kwargs)
         self.images, self.rows, self.batch_size, self.policy = images, np.asarray(rows), batch_size, policy
+        if batch_size % replicas:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {replicas} replicas: "
+                             "make train.fine_tune.batch_size a multiple of the number of GPUs")
+        usable = len(self.rows) - (len(self.rows) % batch_size) % replicas
+        if usable < replicas:
+            raise ValueError(f"{len(self.rows)} rows cannot fill a batch for {replicas} replicas")
+        self.usable = usable
         self.targets = keras.utils.to_categorical(np.asarray(labels), n_classes)
         self.rng = np.random.default_rng(seed)
         self.policy.set_random_seed(seed)
         self.order = self.rng.permutation(len(self.rows))
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        return -(-self.usable // self.batch_size)
 
     def __getitem__(self, i: int):
-        pos = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        pos = self.order[i * self.batch_size : min((i + 1) * self.batch_size, self.usable)]
         batch = np.stack([self.policy(image=np.asarray(self.images[self.rows[j]]))["image"] for j in pos])
         return batch.astype(np.float32), self.targets[pos]
 

@@ -4,9 +4,10 @@
 a list, or an (N, H, W, 3) batch) or a DataFrame with a `path` (or `image`) column, and returns a DataFrame
 of probabilities in the ensemble's class order, one row per input row. Inside, it repeats what the pipeline
 did: decode and fit each image to the working square exactly as ingest does (`pipeline.decode`), run every
-backbone's frozen extractor, average that backbone's fold heads, then apply the ensemble stage's fitted
-combination (per-model temperatures, weighted arithmetic or geometric mean, ensemble temperature, class-prior
-correction, clip). Test-time augmentation is not repeated: one view per image.
+backbone's frozen extractor and average that backbone's fold heads (for a fine-tuned backbone: average its
+fold classifiers on the pixels), then apply the ensemble stage's fitted combination (per-model temperatures,
+weighted arithmetic or geometric mean, ensemble temperature, class-prior correction, clip). Test-time
+augmentation is not repeated: one view per image.
 
 Logged size stays small: the fold heads are small `.keras` files, and an extractor with `weights: none` (or
 `imagenet`) is rebuilt at load time from its recorded settings — `keras.utils.set_random_seed(seed)` then
@@ -16,10 +17,10 @@ instead of predicting garbage. `extractors="file"` logs the extractors as `.kera
 (self-contained, tens of MB per backbone; automatic for a weights file path).
 
 Inputs, written by the train and ensemble stages:
-`<predictions>/<backbone>/extractor.json` ({backbone, image_size, weights, pooling, seed}),
-`<predictions>/<backbone>/models/head_fold<k>.keras`, and the ensemble report (`paths.ensemble_report`:
-`method`, `models`, `results[method]` with `model_temperatures`, `weights`, `ensemble_temperature`, `clip`,
-and `prior` with `train_shares` / `target_shares`).
+`<predictions>/<backbone>/extractor.json` ({backbone, image_size, weights, pooling, seed, fine_tuned}),
+`<predictions>/<backbone>/models/head_fold<k>.keras` (`classifier_fold<k>.keras` when fine-tuned), and the
+ensemble report (`paths.ensemble_report`: `method`, `models`, `results[method]` with `model_temperatures`,
+`weights`, `ensemble_temperature`, `clip`, and `prior` with `train_shares` / `target_shares`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ EPS = 1e-15  # Kaggle's clip, as pipeline.metrics.EPS: the floor under log-proba
 # What the logged model needs to load; pinned to the versions that logged it.
 REQUIREMENTS = ("mlflow", "tensorflow", "keras", "numpy", "pandas", "opencv-python-headless", "scikit-learn")
 _HEAD_FILE = re.compile(r"head_fold(\d+)\.keras$")
+_CLASSIFIER_FILE = re.compile(r"classifier_fold(\d+)\.keras$")
 MODEL_SCRIPT = """\
 import mlflow
 
@@ -186,8 +188,10 @@ class EnsembleModel(PythonModel):
         self.settings = json.loads((folder / SETTINGS_FILE).read_text())
         self.classes = list(self.settings["classes"])
         self.extractors, self.heads = [], []
+        import pipeline.models  # noqa: F401 - registers BackbonePreprocess, which extractors and classifiers use
+
         for entry in self.settings["backbones"]:
-            self.extractors.append(load_extractor(entry, folder))
+            self.extractors.append(None if entry.get("fine_tuned") else load_extractor(entry, folder))
             self.heads.append([keras.saving.load_model(folder / h, compile=False) for h in entry["heads"]])
 
     def predict(self, context, model_input, params=None):
@@ -203,9 +207,13 @@ class EnsembleModel(PythonModel):
             size = entry["image_size"]
             if size not in squares:
                 squares[size] = np.stack([to_square(src, size, self.settings["resize"]) for src in sources])
-            features = _batched(extractor, squares[size], batch_size)
-            # A backbone's prediction is the mean of its fold heads, as for the pipeline's test predictions.
-            per_model.append(np.mean([_batched(h, features, 1024) for h in heads], axis=0))
+            # A backbone's prediction is the mean of its fold models, as for the pipeline's test predictions:
+            # fold heads on the shared frozen extractor's features, or fine-tuned classifiers on the pixels.
+            if extractor is None:
+                per_model.append(np.mean([_batched(c, squares[size], batch_size) for c in heads], axis=0))
+            else:
+                features = _batched(extractor, squares[size], batch_size)
+                per_model.append(np.mean([_batched(h, features, 1024) for h in heads], axis=0))
         proba = combine(per_model, self.settings)
         return pd.DataFrame(proba, columns=self.classes, index=index)
 
@@ -287,16 +295,17 @@ def ensemble_settings(
             raise ServingError(f"{ext_file} is missing: the train stage writes it beside the predictions")
         ext = json.loads(ext_file.read_text())
         if ext.get("fine_tuned"):
-            # Fine-tuning changes the backbone per fold; rebuilding it from its settings would be wrong.
-            raise ServingError(f"{ext_file}: the {bb} extractor was fine-tuned, and the fine-tuned weights are "
-                               "not saved beside the heads, so the served model cannot reproduce it")
-        heads = sorted((folder / "models").glob("head_fold*.keras"),
-                       key=lambda p: int(_HEAD_FILE.search(p.name).group(1)))
-        if not heads:
-            raise ServingError(f"no fold heads in {folder / 'models'} (head_fold<k>.keras, written by train)")
+            # Fine-tuning changed the backbone in every fold: serve each fold's whole classifier.
+            pattern, found, what = _CLASSIFIER_FILE, "classifier_fold*.keras", "fine-tuned fold classifiers"
+        else:
+            pattern, found, what = _HEAD_FILE, "head_fold*.keras", "fold heads"
+        models = sorted((folder / "models").glob(found), key=lambda p: int(pattern.search(p.name).group(1)))
+        if not models:
+            raise ServingError(f"no {what} in {folder / 'models'} ({found}, written by train)")
         entries.append({
             **{k: ext[k] for k in ("backbone", "image_size", "weights", "pooling", "seed")},
-            "head_paths": [str(h) for h in heads],
+            "fine_tuned": bool(ext.get("fine_tuned")),
+            "head_paths": [str(h) for h in models],
             "temperature": float(temps.get(bb, 1.0)),
             # No weights in the report: a one-model ensemble or an unweighted mean.
             "weight": float(weights.get(bb, 1.0 / len(backbones))) if weights else 1.0 / len(backbones),
@@ -336,6 +345,10 @@ def stage_model(settings: Mapping[str, Any], folder: Path, extractors: str = "au
             # two thirds of its size, which serving never uses.
             keras.saving.load_model(head, compile=False).save(folder / rel)
             entry["heads"].append(rel)
+        if entry.get("fine_tuned"):  # each fold's classifier holds its own backbone: no shared extractor
+            entry["extractor_file"] = None
+            out["backbones"].append(entry)
+            continue
         # A weights file path will not exist where the model is served: ship the extractor itself.
         as_file = extractors == "file" or (extractors == "auto" and entry["weights"] not in ("none", "imagenet"))
         extractor = build_seeded_extractor(entry)

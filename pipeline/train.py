@@ -36,6 +36,7 @@ from pipeline.io import atomic_path, save_figure, write_csv, write_json
 from pipeline.metrics import accuracy, kaggle_log_loss, prior_log_loss
 from pipeline.models import build_classifier, build_extractor, unfreeze_top, validate_model_settings
 from pipeline.training import (
+    ValidationLogLoss,
     balanced_class_weight,
     configure_devices,
     device_summary,
@@ -221,8 +222,12 @@ def fine_tune_fold(
     test_rows: np.ndarray,
     s: Settings,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
-    """Phase 2: unfreeze the top blocks and train end to end on augmented images at a low learning rate."""
+) -> tuple[keras.Model, np.ndarray, np.ndarray, dict[str, list[float]]]:
+    """Phase 2: unfreeze the top blocks and train end to end on augmented images at a low learning rate.
+
+    Returns the fine-tuned classifier (raw images in, probabilities out), its validation and test
+    predictions (averaged over the test-time views) and its history.
+    """
     from pipeline.augment import AugmentedBatches, train_policy
 
     ft = s.train.fine_tune
@@ -235,19 +240,22 @@ def fine_tune_fold(
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=s.train.label_smoothing),
         metrics=["accuracy"],
     )
-    batches = AugmentedBatches(images, fit_rows, y_fit, N_CLASSES, ft.batch_size, train_policy(s.augment), seed)
+    batches = AugmentedBatches(images, fit_rows, y_fit, N_CLASSES, ft.batch_size, train_policy(s.augment), seed,
+                               replicas=tf.distribute.get_strategy().num_replicas_in_sync)
     history = model.fit(
         batches,
-        validation_data=(np.asarray(images[val_rows]), keras.utils.to_categorical(y_val, N_CLASSES)),
         epochs=ft.epochs,
-        callbacks=[keras.callbacks.EarlyStopping(patience=s.train.patience, restore_best_weights=True)],
+        callbacks=[
+            ValidationLogLoss(np.asarray(images[val_rows]), y_val, ft.batch_size),
+            keras.callbacks.EarlyStopping(patience=s.train.patience, restore_best_weights=True),
+        ],
         verbose=2,
     )
 
     def tta(rows: np.ndarray) -> np.ndarray:
         return np.mean([model.predict(np.asarray(views[v][rows]), verbose=0) for v in range(s.augment.tta_views)], 0)
 
-    return tta(val_rows), tta(test_rows), {k: [float(x) for x in v] for k, v in history.history.items()}
+    return model, tta(val_rows), tta(test_rows), {k: [float(x) for x in v] for k, v in history.history.items()}
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -330,7 +338,14 @@ def run(backbone: str, s: Settings) -> dict:
     """The whole stage for one backbone; returns its report (also written to paths.train_reports)."""
     validate_model_settings([backbone], s.model.image_size, s.model.weights)
     tf.config.experimental.enable_op_determinism()  # a resumed run must reproduce an uninterrupted one
-    configure_devices(s.train.mixed_precision)
+    strategy = configure_devices(s.train.mixed_precision)
+    # Every model of the stage (extractor, fold heads, fine-tuned classifiers) is built inside the strategy's
+    # scope, so several GPUs share each batch; on one device or a CPU this is the default strategy.
+    with strategy.scope():
+        return _run(backbone, s)
+
+
+def _run(backbone: str, s: Settings) -> dict:
     p = s.paths
     manifest = pd.read_csv(p.manifest, keep_default_na=False)
     is_train = (manifest["split"] == "train").to_numpy()
@@ -366,6 +381,7 @@ def run(backbone: str, s: Settings) -> dict:
         for k in range(s.cv.n_folds):
             ckpt = ckpt_dir / f"fold_{k}.npz"
             head_file = ckpt_dir / f"head_fold{k}.keras"
+            classifier_file = ckpt_dir / f"classifier_fold{k}.keras"
             if ckpt.exists():
                 with np.load(ckpt) as npz:
                     res = FoldResult(
@@ -375,9 +391,10 @@ def run(backbone: str, s: Settings) -> dict:
             else:
                 with tracking.start_run(s.tracking, run_name=f"{backbone}-fold{k}", nested=True, params={"fold": k}):
                     res, head = run_fold(k, feats, train_rows, test_rows, y, folds, s, (tracking.EpochLogger(),))
+                    classifier = None
                     if s.train.fine_tune.enabled:
                         fit_pos = np.flatnonzero(folds != k)
-                        res.val_pred, res.test_pred, ft_hist = fine_tune_fold(
+                        classifier, res.val_pred, res.test_pred, ft_hist = fine_tune_fold(
                             head,
                             ext,
                             images,
@@ -397,6 +414,8 @@ def run(backbone: str, s: Settings) -> dict:
                     )
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 head.save(head_file)
+                if classifier is not None:  # phase 2 made the predictions: keep the model that made them
+                    classifier.save(classifier_file)
                 with atomic_path(ckpt, suffix=".npz") as tmp:
                     np.savez(
                         tmp,
@@ -418,9 +437,12 @@ def run(backbone: str, s: Settings) -> dict:
         report["devices"] = device_summary()
         write_outputs(backbone, s, manifest, y, folds, oof, test, train_rows, test_rows, histories, report, ext)
         models_dir = Path(p.predictions) / backbone / "models"
-        models_dir.mkdir(parents=True, exist_ok=True)
-        for k in range(s.cv.n_folds):  # the fold heads, beside the predictions they made
-            shutil.copy2(ckpt_dir / f"head_fold{k}.keras", models_dir / f"head_fold{k}.keras")
+        shutil.rmtree(models_dir, ignore_errors=True)  # no model of an earlier run stays beside these predictions
+        models_dir.mkdir(parents=True)
+        for k in range(s.cv.n_folds):  # the fold models, beside the predictions they made
+            for name in (f"head_fold{k}.keras", f"classifier_fold{k}.keras"):
+                if (ckpt_dir / name).exists():
+                    shutil.copy2(ckpt_dir / name, models_dir / name)
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
         tracking.log_artifact(Path(p.figures) / backbone, "figures")
         tracking.log_artifact(Path(p.train_reports) / f"{backbone}.json")
@@ -438,6 +460,8 @@ def summarise(backbone, s, manifest, y, folds, oof, test, train_rows, test_rows,
         "n_folds": s.cv.n_folds,
         "folds": fold_metrics(y, oof, folds),
         "epochs_trained": [len(h["loss"]) for h in histories],
+        "fine_tuned": s.train.fine_tune.enabled,
+        **({"fine_tune_epochs": [len(h["ft_loss"]) for h in histories]} if s.train.fine_tune.enabled else {}),
         **solution_scores(s.paths.solution, ids, test),
     }
 

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.metrics import accuracy, kaggle_log_loss
 from pipeline.models import build_head
 
 
@@ -44,11 +45,13 @@ def configure_devices(mixed_precision: str = "auto") -> tf.distribute.Strategy:
 
 
 def device_summary() -> dict[str, Any]:
-    gpus = tf.config.list_physical_devices("GPU")
+    """What the current run trains on: GPUs seen, precision policy, and the strategy in scope with its replicas."""
+    strategy = tf.distribute.get_strategy()
     return {
-        "gpus": len(gpus),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
         "precision_policy": keras.mixed_precision.global_policy().name,
-        "strategy": type(tf.distribute.get_strategy()).__name__,
+        "strategy": type(strategy).__name__,
+        "replicas": int(strategy.num_replicas_in_sync),
     }
 
 
@@ -75,6 +78,27 @@ def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {k: float(w) for k, w in enumerate(weights)}
 
 
+class ValidationLogLoss(keras.callbacks.Callback):
+    """Write `val_loss` (the competition's log loss) and `val_accuracy` into every epoch's logs.
+
+    The validation rows are scored with `predict`, not through `fit(validation_data=...)`: Keras' evaluation
+    step fails under `MirroredStrategy` whenever the last validation batch does not split evenly over the
+    replicas (Keras 3.15 on TensorFlow 2.21: "Inputs to operation AddN ... must have the same size and
+    shape"), while `predict` handles it. Put it first among the callbacks, so early stopping and loggers
+    see the numbers it adds.
+    """
+
+    def __init__(self, x: Any, y: np.ndarray, batch_size: int) -> None:
+        super().__init__()
+        self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        proba = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        if logs is not None:
+            logs["val_loss"] = kaggle_log_loss(self.y, proba)
+            logs["val_accuracy"] = accuracy(self.y, proba)
+
+
 def fit_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -97,6 +121,12 @@ def fit_head(
     """
     keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
+    # Several replicas split every batch; a last batch smaller than that leaves a replica empty, and batch
+    # norm over no rows turns the whole step to NaN. Leave out the few rows (< replicas) that cause it.
+    extra = (len(x_train) % train_cfg.batch_size) % strategy.num_replicas_in_sync
+    if extra:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[extra:])
+        x_train, y_train = x_train[keep], y_train[keep]
     with strategy.scope():
         head = build_head(x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)
         head.compile(
@@ -110,12 +140,11 @@ def fit_head(
     history = head.fit(
         x_train,
         keras.utils.to_categorical(y_train, n_classes),
-        validation_data=(x_val, keras.utils.to_categorical(y_val, n_classes)),
         epochs=train_cfg.epochs,
         batch_size=train_cfg.batch_size,
         class_weight=class_weight,
         shuffle=True,
-        callbacks=[early, *callbacks],
+        callbacks=[ValidationLogLoss(x_val, y_val, 1024), early, *callbacks],
         verbose=verbose,
     )
     return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -11,6 +11,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import keras
@@ -22,7 +23,7 @@ import pytest
 from pipeline import serving, tracking
 from pipeline.config import FISH_CLASSES
 from pipeline.decode import decode_file, fit_square
-from pipeline.models import build_extractor, build_head
+from pipeline.models import build_classifier, build_extractor, build_head
 
 SIZE, SEED, FOLDS = 32, 7, 2
 
@@ -129,12 +130,33 @@ def test_settings_read_the_report_and_the_train_outputs(predictions):
         serving.ensemble_settings(predictions, {**report(), "models": ["resnet50"]})
 
 
-def test_a_fine_tuned_backbone_is_not_packaged(predictions, tmp_path):
+def test_a_fine_tuned_backbone_is_served_from_its_fold_classifiers(predictions, tmp_path):
+    """Fine-tuning changes the backbone in every fold, so the frozen extractor must not be rebuilt for it."""
     shutil.copytree(predictions, tmp_path / "p")
-    ext_file = tmp_path / "p" / "vgg16" / "extractor.json"
+    folder = tmp_path / "p" / "vgg16"
+    ext_file = folder / "extractor.json"
     ext_file.write_text(json.dumps({**json.loads(ext_file.read_text()), "fine_tuned": True}))
-    with pytest.raises(serving.ServingError, match="fine-tuned"):
+    with pytest.raises(serving.ServingError, match="fine-tuned fold classifiers"):
         serving.ensemble_settings(tmp_path / "p", report())
+
+    classifiers = []
+    for k in range(FOLDS):
+        keras.utils.set_random_seed(200 + k)  # each fold's backbone weights differ, as after fine-tuning
+        head = keras.saving.load_model(folder / "models" / f"head_fold{k}.keras")
+        classifiers.append(build_classifier(build_extractor("vgg16", SIZE, "none", "avg"), head))
+        classifiers[-1].save(folder / "models" / f"classifier_fold{k}.keras")
+    rep = report()
+    settings = serving.ensemble_settings(tmp_path / "p", rep)
+    staged = serving.stage_model(settings, tmp_path / "staged")
+    assert staged["backbones"][0]["fine_tuned"] and not list((tmp_path / "staged").rglob("extractors"))
+
+    model = serving.EnsembleModel()
+    model.load_context(SimpleNamespace(artifacts={serving.ARTIFACT_KEY: str(tmp_path / "staged")}))
+    imgs = images()
+    x = np.stack([fit_square(img, SIZE, "pad") for img in imgs])
+    proba = np.mean([np.asarray(c(x, training=False)) for c in classifiers], axis=0)
+    np.testing.assert_allclose(model.predict(None, imgs).to_numpy(), serving.combine([proba], settings),
+                               rtol=1e-5, atol=1e-7)
 
 
 # -------------------------------------------------------------------------------------------- round trip

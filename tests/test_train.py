@@ -1,14 +1,19 @@
 """Train stage on tiny generated data: outputs a user relies on, honest folds, and resume after a kill."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
+import keras
 import pandas as pd
 import pytest
 
 from pipeline import augment, config, train
 from pipeline.config import FISH_CLASSES
-from tests.factories import synthetic_images, tiny_params
+from tests.factories import ROOT, synthetic_images, tiny_params
 
 
 def _prepare(root, **overrides):
@@ -74,3 +79,49 @@ def test_embeddings_are_cached_and_reused(tmp_path, monkeypatch):
     train.run("vgg16", s)
     monkeypatch.setattr(train, "compute_embeddings", lambda *a, **k: pytest.fail("cache was not reused"))
     train.run("vgg16", s)
+
+
+def test_every_model_of_the_stage_trains_under_a_multi_device_strategy(tmp_path):
+    """Two virtual CPUs stand in for two GPUs: the strategy configure_devices picks must carry the stage.
+
+    Runs in a fresh interpreter, because devices can only be split before TensorFlow starts.
+    """
+    _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 1})
+    script = textwrap.dedent("""
+        import json, sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pipeline import train
+        train.configure_devices = lambda policy: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        report = train.run("vgg16", train.load_settings(sys.argv[1]))
+        print("DEVICES", json.dumps(report["devices"]), report["cv_logloss"])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "params.yaml")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("DEVICES"))
+    devices = json.loads(line.split(" ", 1)[1].rsplit(" ", 1)[0])
+    assert devices["strategy"] == "MirroredStrategy" and devices["replicas"] == 2
+    assert np.isfinite(float(line.rsplit(" ", 1)[1]))
+
+
+def test_fine_tuning_trains_end_to_end_and_keeps_each_folds_model(tmp_path):
+    s, _ = _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 2,
+                                 "train.fine_tune.unfreeze_blocks": 1})
+    report = train.run("vgg16", s)
+    pred_dir = tmp_path / s.paths.predictions / "vgg16"
+    curves = pd.read_csv(tmp_path / s.paths.train_reports / "curves" / "vgg16.csv")
+    assert np.isfinite(report["cv_logloss"]) and report["fine_tuned"]
+    assert len(report["fine_tune_epochs"]) == 3 and min(report["fine_tune_epochs"]) >= 1
+    assert set(curves["fold"]) == {0, 1, 2}
+    oof = pd.read_csv(pred_dir / "oof.csv")
+    np.testing.assert_allclose(oof[list(FISH_CLASSES)].sum(1), 1, atol=1e-4)
+    # The fine-tuned classifier made the predictions, so it is what each fold keeps, and it reproduces them.
+    model = keras.saving.load_model(pred_dir / "models" / "classifier_fold0.keras")
+    manifest = pd.read_csv(s.paths.manifest, keep_default_na=False)
+    rows = np.flatnonzero((manifest.split == "train").to_numpy())[oof.index[oof.fold == 0]]
+    views = np.load(s.paths.views)
+    again = np.mean([model.predict(views[v][rows], verbose=0) for v in range(s.augment.tta_views)], 0)
+    np.testing.assert_allclose(again, oof.loc[oof.fold == 0, list(FISH_CLASSES)], atol=1e-4)
