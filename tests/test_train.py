@@ -6,8 +6,8 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import keras
+import numpy as np
 import pandas as pd
 import pytest
 
