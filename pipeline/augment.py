@@ -13,8 +13,11 @@ low-contrast), which the strong solutions found needed augmentation of their own
 
 from __future__ import annotations
 
-import albumentations as A
-import cv2
+import copy
+import multiprocessing as mp
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
 import keras
 import numpy as np
 import pandas as pd
@@ -22,85 +25,79 @@ from tqdm import tqdm
 
 from pipeline import config
 from pipeline.io import atomic_path, save_figure
+from pipeline.policy import TTA_MAX, NightVision, draw_in_worker, draw_rows, start_worker, train_policy, tta_view
 
-TTA_MAX = 4
-
-
-class NightVision(A.ImageOnlyTransform):
-    """Turn a daylight frame into a night-vision one: grey luminance, low contrast, noise, green tint."""
-
-    def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        grey = 40 + 0.55 * grey + self.random_generator.normal(0, 6, grey.shape)
-        out = np.stack([0.35 * grey, grey, 0.45 * grey], axis=-1)
-        return np.clip(out, 0, 255).astype(np.uint8)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ()
-
-
-def train_policy(cfg: config.Augment) -> A.Compose:
-    """The random augmentation applied to training images (and online during fine-tuning)."""
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=cfg.hflip),
-            A.VerticalFlip(p=cfg.vflip),
-            A.Affine(
-                scale=(1 - cfg.scale_limit, 1 + cfg.scale_limit),
-                translate_percent=(-cfg.shift_limit, cfg.shift_limit),
-                rotate=(-cfg.rotate_limit, cfg.rotate_limit),
-                border_mode=cv2.BORDER_REFLECT_101,
-                p=0.8,
-            ),
-            A.RandomBrightnessContrast(cfg.brightness_contrast, cfg.brightness_contrast, p=0.7),
-            A.HueSaturationValue(cfg.hue_shift, cfg.hue_shift * 1.5, cfg.hue_shift, p=0.5),
-            NightVision(p=cfg.night_vision),
-            A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur),
-        ]
-    )
-
+__all__ = ["TTA_MAX", "AugmentedBatches", "NightVision", "make_views", "preview", "train_policy", "tta_view"]
 
 class AugmentedBatches(keras.utils.PyDataset):
     """Online augmentation for fine-tuning: shuffled batches of policy draws read from the image cache.
 
-    Reads the memory-mapped working-resolution cache, so no JPEG is decoded during training; worker threads
-    overlap augmentation with the model's step. With `replicas` > 1 (a `tf.distribute` strategy's
-    `num_replicas_in_sync`) the last batch of an epoch is cut to a multiple of it, since Keras fails on a
-    batch that does not split evenly over the replicas; the few rows left out change every epoch.
+    Reads the memory-mapped working-resolution cache, so no JPEG is decoded during training. Batches stay
+    uint8: the model casts them on its device, a quarter of the bytes a float batch would move. Each batch
+    draws from a generator seeded by (seed, epoch, batch), so a batch is the same whoever draws it.
+
+    Who draws: `processes=0`, `workers` threads of this process. Augmentation holds Python's lock for much
+    of its time, so threads stop helping at two or three (bench.gpu). `processes=N` (N > 0, needs a
+    memory-mapped `images`): N worker processes, started with `spawn` (forking a process that runs
+    TensorFlow can deadlock) on the first batch and stopped by `close()`; each opens the cache itself, and
+    `workers` threads keep them all busy.
+
+    With `replicas` > 1 (a `tf.distribute` strategy's `num_replicas_in_sync`) the last batch of an epoch is
+    cut to a multiple of it, since Keras fails on a batch that does not split evenly over the replicas; the
+    few rows left out change every epoch.
     """
 
-    def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, replicas=1, **kwargs):
-        super().__init__(workers=workers, **kwargs)
-        self.images, self.rows, self.batch_size, self.policy = images, np.asarray(rows), batch_size, policy
+    def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, replicas=1,
+                 processes=0, **kwargs):
+        super().__init__(workers=max(workers, processes), **kwargs)
         if batch_size % replicas:
             raise ValueError(f"batch size {batch_size} does not split evenly over {replicas} replicas: "
                              "make train.fine_tune.batch_size a multiple of the number of GPUs")
-        usable = len(self.rows) - (len(self.rows) % batch_size) % replicas
-        if usable < replicas:
+        if processes and not getattr(images, "filename", None):
+            raise ValueError("worker processes read the image cache from disk: pass a memory-mapped array")
+        self.images, self.rows, self.batch_size, self.policy = images, np.asarray(rows), batch_size, policy
+        self.usable = len(self.rows) - (len(self.rows) % batch_size) % replicas
+        if self.usable < replicas:
             raise ValueError(f"{len(self.rows)} rows cannot fill a batch for {replicas} replicas")
-        self.usable = usable
         self.targets = keras.utils.to_categorical(np.asarray(labels), n_classes)
-        self.rng = np.random.default_rng(seed)
-        self.policy.set_random_seed(seed)
-        self.order = self.rng.permutation(len(self.rows))
+        self.seed, self.epoch, self.processes = seed, 0, processes
+        self.order = np.random.default_rng([seed, 0]).permutation(len(self.rows))
+        self._local = threading.local()  # one copy of the policy per thread: its random state is not shared
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def __len__(self) -> int:
         return -(-self.usable // self.batch_size)
 
     def __getitem__(self, i: int):
         pos = self.order[i * self.batch_size : min((i + 1) * self.batch_size, self.usable)]
-        batch = np.stack([self.policy(image=np.asarray(self.images[self.rows[j]]))["image"] for j in pos])
-        return batch.astype(np.float32), self.targets[pos]
+        rows = self.rows[pos]
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        if self.processes:
+            return self._process_pool().submit(draw_in_worker, rows, seed).result(), self.targets[pos]
+        policy = getattr(self._local, "policy", None)
+        if policy is None:
+            policy = self._local.policy = copy.deepcopy(self.policy)
+        return draw_rows(self.images, rows, policy, seed), self.targets[pos]
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"),
+                                                 initializer=start_worker,
+                                                 initargs=(str(self.images.filename), self.policy))
+            return self._pool
 
     def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.rows))
+        self.epoch += 1
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
 
-
-def tta_view(image: np.ndarray, v: int) -> np.ndarray:
-    """Deterministic test-time view v: 0 identity, 1 horizontal flip, 2 vertical flip, 3 both."""
-    if v == 0:
-        return image
-    return cv2.flip(image, {1: 1, 2: 0, 3: -1}[v])
+    def close(self) -> None:
+        """Stop the worker processes, if any were started."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
 
 
 def make_views(

@@ -137,6 +137,7 @@ class FineTune:
     learning_rate: float
     unfreeze_blocks: int
     batch_size: int
+    input_processes: int  # processes drawing augmented batches; -1: one per CPU core, 0: threads in-process
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,17 +241,21 @@ def fine_tune_fold(
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=s.train.label_smoothing),
         metrics=["accuracy"],
     )
+    processes = ft.input_processes if ft.input_processes >= 0 else (os.cpu_count() or 1)
     batches = AugmentedBatches(images, fit_rows, y_fit, N_CLASSES, ft.batch_size, train_policy(s.augment), seed,
-                               replicas=tf.distribute.get_strategy().num_replicas_in_sync)
-    history = model.fit(
-        batches,
-        epochs=ft.epochs,
-        callbacks=[
-            ValidationLogLoss(np.asarray(images[val_rows]), y_val, ft.batch_size),
-            keras.callbacks.EarlyStopping(patience=s.train.patience, restore_best_weights=True),
-        ],
-        verbose=2,
-    )
+                               processes=processes, replicas=tf.distribute.get_strategy().num_replicas_in_sync)
+    try:
+        history = model.fit(
+            batches,
+            epochs=ft.epochs,
+            callbacks=[
+                ValidationLogLoss(np.asarray(images[val_rows]), y_val, ft.batch_size),
+                keras.callbacks.EarlyStopping(patience=s.train.patience, restore_best_weights=True),
+            ],
+            verbose=2,
+        )
+    finally:
+        batches.close()
 
     def tta(rows: np.ndarray) -> np.ndarray:
         return np.mean([model.predict(np.asarray(views[v][rows]), verbose=0) for v in range(s.augment.tta_views)], 0)
@@ -363,8 +368,11 @@ def _run(backbone: str, s: Settings) -> dict:
     groups = manifest.loc[is_train, "group"].to_numpy()
     folds = assign_folds(y, groups, s.cv.n_folds, s.cv.group_by, s.seed)
 
+    # What decides the predictions; input_processes only decides how fast they come (batches are seeded alone).
+    what = asdict(s.train)
+    what["fine_tune"].pop("input_processes")
     run_fp = hashlib.sha1(
-        json.dumps([emb_fp, folds.tolist(), asdict(s.train), asdict(s.model.head), s.seed]).encode()
+        json.dumps([emb_fp, folds.tolist(), what, asdict(s.model.head), s.seed]).encode()
     ).hexdigest()[:16]
     ckpt_dir = Path(p.checkpoints) / backbone / run_fp
     oof = np.zeros((len(y), N_CLASSES))

@@ -1,6 +1,7 @@
 """Augment stage: stored views a user can trust, and the online batches fine-tuning trains on."""
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -55,7 +56,7 @@ def test_fine_tuning_batches_cover_the_rows_and_split_evenly_over_replicas(cfg, 
     seen = []
     for i in range(len(batches)):
         batch, targets = batches[i]
-        assert batch.dtype == np.float32 and batch.shape[1:] == x.shape[1:]
+        assert batch.dtype == np.uint8 and batch.shape[1:] == x.shape[1:]
         assert len(batch) % replicas == 0 and len(batch) == len(targets)
         seen.append(targets.argmax(1))
     seen = np.concatenate(seen)
@@ -64,6 +65,44 @@ def test_fine_tuning_batches_cover_the_rows_and_split_evenly_over_replicas(cfg, 
     first = batches.order.copy()
     batches.on_epoch_end()
     assert (batches.order != first).any()  # reshuffled: a different few rows are left out next time
+
+
+def test_fine_tuning_batches_are_the_same_whichever_thread_draws_them(cfg):
+    x = images(40)
+
+    def batches():
+        return augment.AugmentedBatches(x, np.arange(40), np.arange(40) % 8, 8, 8, augment.train_policy(cfg), seed=3)
+
+    one, other = batches(), batches()
+    first = [one[i][0] for i in range(len(one))]
+    with ThreadPoolExecutor(4) as pool:  # reversed and concurrent: the order threads reach batches varies
+        second = list(pool.map(lambda i: other[i][0], reversed(range(len(other)))))[::-1]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    one.on_epoch_end()
+    assert any((one[i][0] != first[i]).any() for i in range(len(one)))  # a new epoch draws anew
+
+
+def test_worker_processes_draw_exactly_the_batches_threads_draw(cfg, tmp_path):
+    np.save(tmp_path / "cache.npy", images(40))
+    cache = np.load(tmp_path / "cache.npy", mmap_mode="r")
+    rows, labels = np.arange(3, 40), np.arange(37) % 8
+
+    def batches(processes: int) -> augment.AugmentedBatches:
+        return augment.AugmentedBatches(cache, rows, labels, 8, 8, augment.train_policy(cfg), seed=5,
+                                        processes=processes)
+
+    threads, pool = batches(0), batches(2)
+    try:
+        for i in range(len(threads)):
+            expected, target = threads[i]
+            drawn, pool_target = pool[i]
+            np.testing.assert_array_equal(drawn, expected)
+            np.testing.assert_array_equal(pool_target, target)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="memory-mapped"):
+        augment.AugmentedBatches(images(), rows, labels, 8, 8, augment.train_policy(cfg), seed=5, processes=2)
 
 
 def test_a_batch_size_the_replicas_cannot_share_is_refused(cfg):
