@@ -38,10 +38,27 @@ def configure_devices(mixed_precision: str = "auto") -> tf.distribute.Strategy:
     else:
         keras.mixed_precision.set_global_policy("float32")
     if "TF_CONFIG" in os.environ and len(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("worker", [])) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _shared(tf.distribute.MultiWorkerMirroredStrategy)
     if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+        return _shared(tf.distribute.MirroredStrategy)
     return tf.distribute.get_strategy()
+
+
+_STRATEGIES: dict[type, tf.distribute.Strategy] = {}
+
+
+def _shared(kind: type) -> tf.distribute.Strategy:
+    """One strategy of each kind per process. A second MirroredStrategy in the same process (a notebook
+    calling several stages' `main`) reuses the first one's collective keys, and its all-reduce then fails
+    with "Shape mismatch in the collective instance" (seen on TensorFlow 2.21)."""
+    if kind not in _STRATEGIES:
+        _STRATEGIES[kind] = kind()
+    return _STRATEGIES[kind]
+
+
+def replicas() -> int:
+    """How many devices share each batch under the strategy in scope (1 outside any)."""
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 def device_summary() -> dict[str, Any]:
@@ -78,6 +95,29 @@ def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
     return {k: float(w) for k, w in enumerate(weights)}
 
 
+def rows_for_replicas(n: int, batch_size: int, replicas: int, seed: int) -> np.ndarray:
+    """Indices of the `n` training rows to fit on, so that no replica gets an empty last batch.
+
+    Several replicas split every batch; a last batch smaller than that leaves a replica with no rows, and
+    batch norm over no rows turns the whole step to NaN. The few rows (< replicas) that would cause it are
+    left out, chosen by `seed`; on one device every row stays. A batch size the replicas cannot share evenly
+    fails under Keras 3.15 / TensorFlow 2.21, so it is refused here with the fix.
+    """
+    if batch_size % replicas:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {replicas} replicas: "
+                         "make it a multiple of the number of GPUs")
+    extra = (n % batch_size) % replicas
+    if not extra:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[extra:])
+
+
+def as_class_columns(proba: np.ndarray) -> np.ndarray:
+    """Probabilities with one column per class; a sigmoid's single column becomes (1 - p, p)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    return np.hstack([1.0 - proba, proba]) if proba.shape[1] == 1 else proba
+
+
 class ValidationLogLoss(keras.callbacks.Callback):
     """Write `val_loss` (the competition's log loss) and `val_accuracy` into every epoch's logs.
 
@@ -93,7 +133,7 @@ class ValidationLogLoss(keras.callbacks.Callback):
         self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        proba = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        proba = as_class_columns(self.model.predict(self.x, batch_size=self.batch_size, verbose=0))
         if logs is not None:
             logs["val_loss"] = kaggle_log_loss(self.y, proba)
             logs["val_accuracy"] = accuracy(self.y, proba)
@@ -121,11 +161,8 @@ def fit_head(
     """
     keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
-    # Several replicas split every batch; a last batch smaller than that leaves a replica empty, and batch
-    # norm over no rows turns the whole step to NaN. Leave out the few rows (< replicas) that cause it.
-    extra = (len(x_train) % train_cfg.batch_size) % strategy.num_replicas_in_sync
-    if extra:
-        keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[extra:])
+    keep = rows_for_replicas(len(x_train), train_cfg.batch_size, strategy.num_replicas_in_sync, seed)
+    if len(keep) < len(x_train):
         x_train, y_train = x_train[keep], y_train[keep]
     with strategy.scope():
         head = build_head(x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)

@@ -432,7 +432,9 @@ def main(params_file: str = "params.yaml") -> dict:
     write_quarantine(Path(cfg.reports) / "quarantine.json", cfg.source, data)
     rows = split(data.labels, cfg.test_fraction, cfg.val_fraction, seed)
     params = {"seed": seed, **config.flatten(cfg)}
-    with tracking.start_run(tracking_cfg, f"catsdogs-{cfg.source}", params, experiment="catsdogs"):
+    with common.strategy(params_file).scope(), tracking.start_run(
+        tracking_cfg, f"catsdogs-{cfg.source}", params, experiment="catsdogs"
+    ):
         ext = extractor_settings(cfg, seed)
         features = embed(data.images, ext, cfg.extract_batch_size, Path(cfg.embeddings))
         logger = tracking.EpochLogger("head.")

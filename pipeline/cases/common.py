@@ -30,6 +30,14 @@ def load_params(section: str, cls: type, path: str | Path = config.PARAMS_FILE) 
     return cfg, seed, config.load_section("tracking", raw, path)
 
 
+def strategy(path: str | Path = config.PARAMS_FILE) -> Any:
+    """The `tf.distribute` strategy and precision policy for this machine, chosen as the fisheries train stage
+    chooses them (`train.mixed_precision`: one setting for every pipeline). Build and fit inside its scope."""
+    from pipeline.training import configure_devices
+
+    return configure_devices(config.load_section("train", config.read_params(path), path).mixed_precision)
+
+
 def seed_everything(seed: int) -> None:
     """Python, NumPy and TensorFlow generators, so weight initialisation and shuffling repeat run to run."""
     import keras

@@ -235,7 +235,7 @@ def build_model(cfg: ImdbParams):
             layers.Dropout(cfg.embedding_dropout, name="embedding_dropout"),
             recurrent(cfg.rnn_units, name=cfg.rnn),
             layers.Dropout(cfg.rnn_dropout, name="rnn_dropout"),
-            layers.Dense(1, activation="sigmoid", name="positive"),
+            layers.Dense(1, activation="sigmoid", dtype="float32", name="positive"),
         ],
         name=f"sentiment_{cfg.rnn}",
     )
@@ -246,6 +246,8 @@ def train_model(model, data: dict[str, np.ndarray], cfg: ImdbParams, seed: int, 
     import keras
     from sklearn.model_selection import train_test_split
 
+    from pipeline.training import ValidationLogLoss, replicas, rows_for_replicas
+
     keras.utils.set_random_seed(seed)
     fit, val = train_test_split(
         np.arange(len(data["y_train"])),
@@ -253,6 +255,7 @@ def train_model(model, data: dict[str, np.ndarray], cfg: ImdbParams, seed: int, 
         stratify=data["y_train"],
         random_state=seed,
     )
+    fit = fit[rows_for_replicas(len(fit), cfg.batch_size, replicas(), seed)]
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="binary_crossentropy", metrics=["accuracy"]
     )
@@ -264,8 +267,7 @@ def train_model(model, data: dict[str, np.ndarray], cfg: ImdbParams, seed: int, 
         data["y_train"][fit],
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
-        validation_data=(data["x_train"][val], data["y_train"][val]),
-        callbacks=[early, *callbacks],
+        callbacks=[ValidationLogLoss(data["x_train"][val], data["y_train"][val], 512), early, *callbacks],
         verbose=2,
     )
     return model.predict(data["x_test"], batch_size=512, verbose=0)[:, 0]
@@ -310,7 +312,9 @@ def main(params_file: str = "params.yaml") -> dict:
     common.seed_everything(seed)
     data = load_source(cfg, seed)
     params = {"seed": seed, **config.flatten(cfg)}
-    with tracking.start_run(tracking_cfg, f"imdb-{cfg.source}-{cfg.rnn}", params, experiment="imdb"):
+    with common.strategy(params_file).scope(), tracking.start_run(
+        tracking_cfg, f"imdb-{cfg.source}-{cfg.rnn}", params, experiment="imdb"
+    ):
         logger = tracking.EpochLogger(f"{cfg.rnn}.")
         scores = {
             cfg.rnn: train_model(build_model(cfg), data, cfg, seed, [logger]),

@@ -126,7 +126,7 @@ def build_mlp(cfg: Mlp, image_size: int, n_classes: int = N_CLASSES):
         x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
         x = layers.BatchNormalization(name=f"bn{i}")(x)
         x = layers.Dropout(rate, name=f"dropout{i}")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mlp")
 
 
@@ -144,7 +144,7 @@ def build_cnn(cfg: Cnn, image_size: int, n_classes: int = N_CLASSES):
     for i, units in enumerate(cfg.dense_units):
         x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
         x = layers.Dropout(cfg.dropout, name=f"dropout{i}")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 
@@ -153,15 +153,18 @@ def train_and_evaluate(model, data: dict[str, np.ndarray], cfg: MnistParams, see
     import keras
     from sklearn.metrics import confusion_matrix
 
+    from pipeline.training import replicas, rows_for_replicas
+
     keras.utils.set_random_seed(seed)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    fit = rows_for_replicas(len(data["y_train"]), cfg.batch_size, replicas(), seed)
     history = model.fit(
-        data["x_train"],
-        data["y_train"],
+        data["x_train"][fit],
+        data["y_train"][fit],
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         callbacks=list(callbacks),
@@ -195,8 +198,10 @@ def main(params_file: str = "params.yaml") -> dict:
     common.seed_everything(seed)
     data = load_source(cfg, seed)
     params = {"seed": seed, **config.flatten(cfg)}
-    models = {"mlp": build_mlp(cfg.mlp, cfg.image_size), "cnn": build_cnn(cfg.cnn, cfg.image_size)}
-    with tracking.start_run(tracking_cfg, f"mnist-{cfg.source}", params, experiment="mnist"):
+    with common.strategy(params_file).scope(), tracking.start_run(
+        tracking_cfg, f"mnist-{cfg.source}", params, experiment="mnist"
+    ):
+        models = {"mlp": build_mlp(cfg.mlp, cfg.image_size), "cnn": build_cnn(cfg.cnn, cfg.image_size)}
         results = {
             name: train_and_evaluate(model, data, cfg, seed, [tracking.EpochLogger(prefix=f"{name}.")])
             for name, model in models.items()
