@@ -195,6 +195,41 @@ def run_fold(
     return result, head
 
 
+def best_epochs(histories: list[dict[str, list[float]]]) -> list[int]:
+    """The epoch (1-based) whose validation log loss each fold's early stopping kept."""
+    return [int(np.argmin(h["val_loss"])) + 1 for h in histories]
+
+
+def unpeeked_oof(
+    feats: np.ndarray, train_rows: np.ndarray, y: np.ndarray, folds: np.ndarray, epochs: list[int], s: Settings
+) -> np.ndarray:
+    """Out-of-fold predictions that never saw their own fold's labels, not even to pick an epoch.
+
+    Early stopping keeps the epoch that scores best on the fold it is then scored on, which flatters the CV.
+    Here each fold's head trains for the median of the *other* folds' best epochs, with no validation at all.
+    """
+    n_views = feats.shape[0]
+    oof = np.zeros((len(y), N_CLASSES))
+    for k in range(folds.max() + 1):
+        fit_pos, val_pos = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        others = [e for j, e in enumerate(epochs) if j != k] or epochs
+        weights = balanced_class_weight(y[fit_pos], N_CLASSES) if s.train.class_weight == "balanced" else None
+        head, _ = fit_head(
+            train_matrix(feats, train_rows[fit_pos], n_views),
+            np.tile(y[fit_pos], n_views),
+            None,
+            None,
+            N_CLASSES,
+            s.model.head,
+            s.train,
+            seed=s.seed + k,
+            class_weight=weights,
+            fixed_epochs=max(1, int(np.median(others))),
+        )
+        oof[val_pos] = tta_predict(head, feats, train_rows[val_pos], s.augment.tta_views)
+    return oof
+
+
 def cross_validate_cached(
     feats: np.ndarray, train_rows: np.ndarray, test_rows: np.ndarray, y: np.ndarray, folds: np.ndarray, s: Settings
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -441,7 +476,15 @@ def _run(backbone: str, s: Settings) -> dict:
             histories.append(res.history)
 
         report = summarise(backbone, s, manifest, y, folds, oof, test, train_rows, test_rows, histories)
+        report["best_epochs"] = best_epochs(histories)
+        if not s.train.fine_tune.enabled:  # the unpeeked figure is of phase 1; fine-tuned predictions are not
+            report["cv_logloss_unpeeked"] = kaggle_log_loss(
+                y, unpeeked_oof(feats, train_rows, y, folds, report["best_epochs"], s)
+            )
         report["leak_check"] = leak_check(feats, train_rows, test_rows, y, groups, folds, oof, test, manifest, s)
+        mine = report["leak_check"].get(s.cv.group_by, {})
+        if "stg2_logloss" in mine and "cv_logloss_unpeeked" in report:
+            mine["gap_stg2_minus_unpeeked_cv"] = mine["stg2_logloss"] - report["cv_logloss_unpeeked"]
         report["devices"] = device_summary()
         write_outputs(backbone, s, manifest, y, folds, oof, test, train_rows, test_rows, histories, report, ext)
         models_dir = Path(p.predictions) / backbone / "models"

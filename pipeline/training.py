@@ -152,12 +152,14 @@ def fit_head(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     strategy: tf.distribute.Strategy | None = None,
     verbose: int = 0,
+    fixed_epochs: int | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train the dropout + batch-norm head on features; early stopping on validation log loss.
 
     `head_cfg` needs `units`, `dropout_in`, `dropout_out`; `train_cfg` needs `epochs`, `batch_size`,
     `learning_rate`, `patience` and `label_smoothing`. The best epoch's weights are restored, so the returned
-    head is the one whose validation log loss was lowest.
+    head is the one whose validation log loss was lowest. With `fixed_epochs` it trains exactly that many
+    epochs and never looks at `x_val`/`y_val` (which may be None): for scoring without selection bias.
     """
     keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
@@ -171,17 +173,22 @@ def fit_head(
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
             metrics=["accuracy"],
         )
-    early = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True, mode="min"
-    )
+    selection = []
+    if fixed_epochs is None:
+        selection = [
+            ValidationLogLoss(x_val, y_val, 1024),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True, mode="min"
+            ),
+        ]
     history = head.fit(
         x_train,
         keras.utils.to_categorical(y_train, n_classes),
-        epochs=train_cfg.epochs,
+        epochs=fixed_epochs or train_cfg.epochs,
         batch_size=train_cfg.batch_size,
         class_weight=class_weight,
         shuffle=True,
-        callbacks=[ValidationLogLoss(x_val, y_val, 1024), early, *callbacks],
+        callbacks=[*selection, *callbacks],
         verbose=verbose,
     )
     return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}

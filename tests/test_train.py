@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from pipeline import augment, config, train
 from pipeline.config import FISH_CLASSES
@@ -44,6 +45,8 @@ def test_train_stage_writes_oof_and_test_predictions(tmp_path):
     saved = json.loads((tmp_path / s.paths.train_reports / "vgg16.json").read_text())
     assert saved["cv_logloss"] == pytest.approx(report["cv_logloss"])
     assert {"boat", "none"} <= set(report["leak_check"])
+    assert np.isfinite(saved["cv_logloss_unpeeked"]) and len(saved["best_epochs"]) == s.cv.n_folds
+    assert all(1 <= e <= s.train.epochs for e in saved["best_epochs"])
     assert "stg2_logloss" in report
     assert (pred_dir / "models" / "head_fold2.keras").exists()
     assert (tmp_path / s.paths.figures / "vgg16" / "confusion.png").exists()
@@ -125,3 +128,18 @@ def test_fine_tuning_trains_end_to_end_and_keeps_each_folds_model(tmp_path):
     views = np.load(s.paths.views)
     again = np.mean([model.predict(views[v][rows], verbose=0) for v in range(s.augment.tta_views)], 0)
     np.testing.assert_allclose(again, oof.loc[oof.fold == 0, list(FISH_CLASSES)], atol=1e-4)
+
+
+def test_unpeeked_out_of_fold_predictions_never_use_their_own_folds_labels(tmp_path):
+    s, _ = _prepare(tmp_path)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 8
+    feats = rng.normal(size=(3, 40, 16)).astype(np.float32) + y[None, :, None] * 0.3
+    folds = np.arange(40) % 4
+    before = train.unpeeked_oof(feats, np.arange(40), y, folds, [3, 2, 4, 3], s)
+    relabelled = y.copy()
+    relabelled[folds == 0] = rng.permutation(relabelled[folds == 0])
+    after = train.unpeeked_oof(feats, np.arange(40), relabelled, folds, [3, 2, 4, 3], s)
+    np.testing.assert_allclose(after[folds == 0], before[folds == 0], atol=1e-6)
+    assert not np.allclose(after[folds == 1], before[folds == 1])  # the other folds did train on those labels
