@@ -218,6 +218,19 @@ def stacker_proba(model: Pipeline, stack: np.ndarray) -> np.ndarray:
     return normalise_rows(np.maximum(proba, EPS))
 
 
+def stacker_parameters(model: Pipeline) -> dict[str, Any]:
+    """Everything `stacker_proba` computes with, as plain lists: what the served model needs (JSON)."""
+    scaler, lr = model.named_steps["standardscaler"], model.named_steps["logisticregression"]
+    return {
+        "classes": [FISH_CLASSES[int(c)] for c in lr.classes_],
+        "mean": scaler.mean_.tolist(),
+        "scale": scaler.scale_.tolist(),
+        "coef": lr.coef_.tolist(),
+        "intercept": lr.intercept_.tolist(),
+        "feature_floor": STACK_FEATURE_FLOOR,
+    }
+
+
 def cross_fit_stacker(stack: np.ndarray, y: np.ndarray, folds: np.ndarray, c: float) -> np.ndarray:
     """Out-of-fold stacker predictions: rows of fold k come from a stacker fit on the other folds only."""
     fold_ids = np.unique(folds)
@@ -404,6 +417,7 @@ def evaluate(
             row["weights"] = dict(zip(names, fitted.weights, strict=True))
         if fitted.stacking_c is not None:
             row["stacking_c"] = fitted.stacking_c
+            row["stacker"] = stacker_parameters(fitted.stacker)
         row["ensemble_temperature"] = fitted.temperature
         row["clip"] = list(fitted.clip)
         row["fit"] = FIT_NOTES["single" if name.startswith("model:") else method]

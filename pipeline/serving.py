@@ -90,7 +90,9 @@ def combine(per_model: Sequence[np.ndarray], settings: Mapping[str, Any]) -> np.
     models = settings["backbones"]
     stack = [_temper(p, m["temperature"]) for p, m in zip(per_model, models, strict=True)]
     weights = np.array([m["weight"] for m in models], dtype=np.float64)
-    if settings["method"] == "geometric":
+    if settings["method"] == "stacking":
+        proba = _stacker_proba(stack, settings["stacker"], settings["classes"])
+    elif settings["method"] == "geometric":
         proba = _softmax(np.tensordot(weights, np.stack([_log_proba(p) for p in stack]), axes=1))
     else:
         proba = _normalise(np.tensordot(weights, np.stack(stack), axes=1))
@@ -101,6 +103,20 @@ def combine(per_model: Sequence[np.ndarray], settings: Mapping[str, Any]) -> np.
         proba = _normalise(proba * (np.asarray(prior["target"]) / np.asarray(prior["train"])))
     lo, hi = settings["clip"]
     return _normalise(np.clip(proba, lo, hi))
+
+
+def _stacker_proba(stack: Sequence[np.ndarray], stacker: Mapping[str, Any], classes: Sequence[str]) -> np.ndarray:
+    """The stacker's multinomial logistic regression on standardised log-probabilities (mirrors
+    `pipeline.ensemble.stacker_proba`); a class its training rows lacked gets the floor."""
+    floor = stacker["feature_floor"]
+    x = np.concatenate([np.log(np.clip(_normalise(p), floor, 1.0)) for p in stack], axis=1)
+    z = (x - np.asarray(stacker["mean"])) / np.asarray(stacker["scale"])
+    logits = z @ np.asarray(stacker["coef"]).T + np.asarray(stacker["intercept"])
+    if logits.shape[1] == 1:  # two classes: scikit-learn's one logit is the second class's against the first
+        logits = np.hstack([np.zeros_like(logits), logits])
+    proba = np.zeros((len(x), len(classes)))
+    proba[:, [list(classes).index(c) for c in stacker["classes"]]] = _softmax(logits)
+    return _normalise(np.maximum(proba, EPS))
 
 
 def weights_digest(model: Any) -> str:
@@ -261,12 +277,13 @@ def _report_entry(report: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     method = report.get("method") or report.get("chosen", {}).get("method")
     if not method:
         raise ServingError("the ensemble report names no method ('method')")
-    if method == "stacking":
+    row = report.get("results", {}).get(method, {})
+    if method == "stacking" and "stacker" not in row:
         raise ServingError(
-            "ensemble.method stacking: its logistic regression is not in the ensemble report, so the served "
-            "model cannot reproduce it; use mean, weighted, geometric or best to log a model"
+            "ensemble.method stacking: this ensemble report has no 'stacker' (written by the ensemble stage "
+            "since the stacker became servable); run the ensemble stage again, or use another method"
         )
-    return method, report.get("results", {}).get(method, {})
+    return method, row
 
 
 def ensemble_settings(
@@ -319,6 +336,7 @@ def ensemble_settings(
         "backbones": entries,
         "ensemble_temperature": float(row.get("ensemble_temperature", 1.0)),
         "clip": [float(x) for x in row.get("clip", (0.0, 1.0))],
+        "stacker": row.get("stacker"),
         "prior": {
             "train": [float(prior["train_shares"][c]) for c in classes] if target else None,
             "target": [float(target[c]) for c in classes] if target else None,

@@ -117,6 +117,27 @@ def test_combination_matches_the_ensemble_stage():
         np.testing.assert_allclose(serving.combine(list(stack), settings), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_classes", [8, 5, 2])
+def test_a_stacked_ensemble_is_served_as_the_ensemble_stage_predicts(n_classes):
+    """The stacker's parameters travel in the report; a stacker that saw only some classes included."""
+    ens = pytest.importorskip("pipeline.ensemble")
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, n_classes, 120)
+    stack = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 120))
+    stack[:, np.arange(120), y] += 0.5  # informative, so the stacker learns something
+    stacker = ens.fit_stacker(stack, y, 0.3)
+    fitted = ens.Fitted(method="stacking", model_temperatures=(1.2, 0.9), weights=None, stacker=stacker,
+                        stacking_c=0.3, temperature=1.1, clip=(0.01, 0.95))
+    fresh = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 30))
+    expected = ens.predict(fitted, fresh)
+    row = {"model_temperatures": {"a": 1.2, "b": 0.9}, "ensemble_temperature": 1.1, "clip": [0.01, 0.95],
+           "stacker": json.loads(json.dumps(ens.stacker_parameters(stacker)))}  # as the JSON report holds it
+    settings = {"method": "stacking", "classes": list(FISH_CLASSES), "ensemble_temperature": 1.1,
+                "clip": [0.01, 0.95], "stacker": row["stacker"], "prior": None,
+                "backbones": [{"temperature": 1.2, "weight": 0.5}, {"temperature": 0.9, "weight": 0.5}]}
+    np.testing.assert_allclose(serving.combine(list(fresh), settings), expected, rtol=1e-7, atol=1e-10)
+
+
 def test_settings_read_the_report_and_the_train_outputs(predictions):
     settings = serving.ensemble_settings(predictions, report())
     (entry,) = settings["backbones"]
@@ -124,7 +145,7 @@ def test_settings_read_the_report_and_the_train_outputs(predictions):
     assert entry["temperature"] == 1.3 and settings["ensemble_temperature"] == 0.8
     assert [Path(h).name for h in entry["head_paths"]] == ["head_fold0.keras", "head_fold1.keras"]
     assert settings["prior"]["target"] == [pytest.approx(1 / 8)] * 8
-    with pytest.raises(serving.ServingError, match="stacking"):
+    with pytest.raises(serving.ServingError, match="no 'stacker'"):  # a report from before stacking was servable
         serving.ensemble_settings(predictions, report("stacking"))
     with pytest.raises(serving.ServingError, match="extractor.json"):
         serving.ensemble_settings(predictions, {**report(), "models": ["resnet50"]})
