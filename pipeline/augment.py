@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline import config
 from pipeline.io import atomic_path, save_figure
 from pipeline.policy import TTA_MAX, NightVision, draw_in_worker, draw_rows, start_worker, train_policy, tta_view
+from pipeline.training import rows_for_replicas
 
 __all__ = ["TTA_MAX", "AugmentedBatches", "NightVision", "make_views", "preview", "train_policy", "tta_view"]
 
@@ -50,13 +51,12 @@ class AugmentedBatches(keras.utils.PyDataset):
     def __init__(self, images, rows, labels, n_classes, batch_size, policy, seed, workers=2, replicas=1,
                  processes=0, **kwargs):
         super().__init__(workers=max(workers, processes), **kwargs)
-        if batch_size % replicas:
-            raise ValueError(f"batch size {batch_size} does not split evenly over {replicas} replicas: "
-                             "make train.fine_tune.batch_size a multiple of the number of GPUs")
         if processes and not getattr(images, "filename", None):
             raise ValueError("worker processes read the image cache from disk: pass a memory-mapped array")
         self.images, self.rows, self.batch_size, self.policy = images, np.asarray(rows), batch_size, policy
-        self.usable = len(self.rows) - (len(self.rows) % batch_size) % replicas
+        # As many rows as the shared rule keeps (it also refuses a batch size the replicas cannot share); which
+        # rows are left out changes with every epoch's order.
+        self.usable = len(rows_for_replicas(len(self.rows), batch_size, replicas, seed))
         if self.usable < replicas:
             raise ValueError(f"{len(self.rows)} rows cannot fill a batch for {replicas} replicas")
         self.targets = keras.utils.to_categorical(np.asarray(labels), n_classes)

@@ -43,6 +43,7 @@ from pipeline.training import (
     device_summary,
     extract_features,
     fit_head,
+    replicas,
 )
 
 N_CLASSES = len(FISH_CLASSES)
@@ -278,7 +279,7 @@ def fine_tune_fold(
     )
     processes = ft.input_processes if ft.input_processes >= 0 else (os.cpu_count() or 1)
     batches = AugmentedBatches(images, fit_rows, y_fit, N_CLASSES, ft.batch_size, train_policy(s.augment), seed,
-                               processes=processes, replicas=tf.distribute.get_strategy().num_replicas_in_sync)
+                               processes=processes, replicas=replicas())
     try:
         history = model.fit(
             batches,
