@@ -189,16 +189,23 @@ def _bursts(rng: np.random.Generator, rows: pd.DataFrame, burst: float) -> np.nd
 
 
 def _night_events(rng: np.random.Generator, rows: pd.DataFrame, share: float) -> np.ndarray:
-    """Night flag of every row, a whole event at a time, so that each stage's night share is close to `share`."""
+    """Night flag of every row, a whole event at a time, so that each stage's night share is close to `share`.
+
+    Chosen within each class, so that no class is mostly filmed at night: with a few events per rare class, a
+    draw over the whole stage can give one class half its frames at night and another none, a cue that has
+    nothing to do with the fish.
+    """
     night = np.zeros(len(rows), dtype=bool)
-    stage = (rows.split == "test_stg2").to_numpy()
-    for in_stage in (~stage, stage):
-        target, taken = share * in_stage.sum(), 0
-        for event in rng.permutation(rows.event[in_stage].unique()):
-            frames = (rows.event == event).to_numpy()
-            if abs(taken + frames.sum() - target) < abs(taken - target):
-                night |= frames
-                taken += int(frames.sum())
+    stage2 = (rows.split == "test_stg2").to_numpy()
+    for in_stage in (~stage2, stage2):
+        for label in FISH_CLASSES:
+            chosen = in_stage & (rows.label == label).to_numpy()
+            target, taken = share * chosen.sum(), 0
+            for event in rng.permutation(rows.event[chosen].unique()):
+                frames = (rows.event == event).to_numpy()
+                if abs(taken + frames.sum() - target) < abs(taken - target):
+                    night |= frames
+                    taken += int(frames.sum())
     return night
 
 

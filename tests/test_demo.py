@@ -155,6 +155,8 @@ def test_night_frames_follow_the_share_and_look_like_night_vision():
     assert abs(rows[~stage2].night.sum() - 0.15 * 500) <= 3  # whole bursts at a time
     assert abs(rows[stage2].night.sum() - 0.15 * 200) <= 3
     assert rows.groupby("event").night.nunique().max() == 1
+    by_class = rows[~stage2].groupby("label").night.mean()
+    assert by_class.between(0.05, 0.25).all(), by_class  # night says nothing about the fish
     boat = demo.draw_boat(demo.boat_rng(5, 0), 0, 128)
     night = demo.draw_scene(demo.event_rng(5, 0), demo.image_rng(5, 0), boat, "ALB", True).astype(float)
     day = demo.draw_scene(demo.event_rng(5, 0), demo.image_rng(5, 0), boat, "ALB", False).astype(float)
