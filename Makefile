@@ -7,8 +7,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PYTEST_ARGS ?=
-# dvc.yaml's commands say `python -m pipeline...`: make that the project's interpreter.
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: venv repro test bench ui download submit lint browser clean
 
@@ -38,17 +36,17 @@ bench: venv
 
 ## The MLflow UI on loopback only, against the project's tracking store.
 ui: venv
-	$(PY) -m pipeline.ui
+	$(PY) -m pipeline ui
 
 ## Fetch the competition files with the official kaggle client (never part of dvc repro).
 download: venv
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('kaggle') is None)" \
 	  || $(PY) -m pip install --quiet -e '.[kaggle]'
-	$(PY) -m pipeline.download
+	$(PY) -m pipeline download
 
 ## Upload a submission: make submit FILE=reports/submission_stg1.csv MESSAGE="..."
 submit: venv
-	$(PY) -m pipeline.upload $(FILE) --message "$(MESSAGE)"
+	$(PY) -m pipeline upload $(FILE) --message "$(MESSAGE)"
 
 lint: venv
 	$(VENV)/bin/ruff check .

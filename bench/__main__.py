@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from pipeline.io import read_json, write_json
+from pipeline.core.files import read_json, write_json
 
 MODULES = ("ingest", "train")  # ingest first: its workers may fork only before TensorFlow loads
 OUT = Path("reports/bench.json")

@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-from pipeline import config
-from pipeline.augment import AugmentedBatches, train_policy
-from pipeline.models import build_classifier, build_extractor, build_head, unfreeze_top
+from pipeline.core import params as config
+from pipeline.core.augmentation import train_policy
+from pipeline.core.backbones import build_classifier, build_extractor, unfreeze_top
+from pipeline.core.batches import AugmentedBatches
+from pipeline.core.heads import build_head
 
 BIG = 224  # the size fine-tuning on real photos uses
 

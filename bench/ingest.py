@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import config
-from pipeline.decode import decode_all
+from pipeline.core import params as config
+from pipeline.core.decode import decode_all
 
 SIZE = 96
 

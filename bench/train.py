@@ -21,11 +21,12 @@ import cv2
 import keras
 import numpy as np
 
-from pipeline import config
-from pipeline.augment import AugmentedBatches, train_policy
-from pipeline.folds import assign_folds
-from pipeline.models import build_classifier, build_extractor, build_head
-from pipeline.training import extract_features, fit_head
+from pipeline.core import params as config
+from pipeline.core.augmentation import train_policy
+from pipeline.core.backbones import build_classifier, build_extractor, extract_features
+from pipeline.core.batches import AugmentedBatches
+from pipeline.core.folds import assign_folds
+from pipeline.core.heads import build_head, fit_head
 
 BACKBONE = "resnet50"  # the fastest of the three required backbones keeps the end-to-end arm affordable
 

@@ -8,9 +8,40 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import FISH_CLASSES
+from pipeline.core.calibration import softmax
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.params import Paths, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_params() -> dict:
+    """The repository's params.yaml, as a plain mapping."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    """`raw["a"]["b"] = value` for the dotted key `a.b`."""
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def write_params(root: Path, overrides: dict | None = None, raw: dict | None = None) -> Path:
+    """A params.yaml in `root`: `raw` (default the repository's) with dotted-key `overrides` applied."""
+    raw = repo_params() if raw is None else raw
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root / "params.yaml"
+
+
+def section(cls: type, name: str, **overrides):
+    """One validated section of the repository's params.yaml, with top-level keys of it overridden."""
+    return from_dict(cls, {**repo_params()[name], **overrides}, name)
 
 
 def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
@@ -19,8 +50,7 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
     Paths are moved under `root` (absolute), or kept relative (`relative=True`, for running DVC in `root`).
     `overrides` are dotted keys: `tiny_params(tmp, **{"cv.n_folds": 3})`.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = repo_params()
     if not relative:
         raw["paths"] = {k: str(root / v) for k, v in raw["paths"].items()}
         raw["data"]["demo_dir"] = str(root / raw["data"]["demo_dir"])
@@ -36,13 +66,7 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
         "augment.train_views": 1,
         "augment.tta_views": 2,
     }
-    for key, value in {**small, **overrides}.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_params(root, {**small, **overrides}, raw)
     return raw
 
 
@@ -88,3 +112,89 @@ def synthetic_images(root: Path, raw: dict, n_train: int = 64, n_test: int = 12,
     Path(paths["solution"]).parent.mkdir(parents=True, exist_ok=True)
     solution.to_csv(paths["solution"], index=False)
     return manifest
+
+
+# ------------------------------------------------------------------------------------ model predictions
+
+K = len(FISH_CLASSES)
+TRAIN_SHARES = np.array([1719, 200, 117, 67, 465, 299, 176, 734]) / 3777
+STAGE2_SHARES = np.array([0.40, 0.108, 0.05, 0.03, 0.12, 0.10, 0.012, 0.18])
+#: (signal, noise, sharpness) per synthetic model: decent, overconfident, underconfident and weak.
+MODELS = {"vgg16": (2.2, 1.0, 1.0), "resnet50": (1.8, 1.2, 3.0), "xception": (1.2, 1.0, 0.5)}
+
+
+def noisy_softmax(
+    y: np.ndarray, rng: np.random.Generator, signal: float, noise: float, sharp: float
+) -> np.ndarray:
+    logits = rng.normal(0.0, noise, (len(y), K))
+    logits[np.arange(len(y)), y] += signal
+    return softmax(sharp * logits)
+
+
+def synthetic_stack(n=300, models=None, n_folds=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(K, n, p=TRAIN_SHARES)
+    folds = rng.permutation(np.arange(n) % n_folds)
+    stack = np.stack([noisy_softmax(y, rng, *m) for m in (models or MODELS.values())])
+    return stack, y, folds
+
+
+def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_folds=4, seed=0, **overrides):
+    """A params.yaml under `root` plus everything the ensemble, submit and score stages read.
+
+    Returns the validated `paths` section and the true test labels by image name.
+    """
+    raw = tiny_params(root, **{"model.backbones": list(backbones), **overrides})
+    paths = from_dict(Paths, raw["paths"], "paths")
+    rng = np.random.default_rng(seed)
+    y = rng.choice(K, n_train, p=TRAIN_SHARES)
+    folds = rng.permutation(np.arange(n_train) % n_folds)
+    y1 = rng.choice(K, n_test, p=TRAIN_SHARES)
+    y2 = rng.choice(K, n_test, p=STAGE2_SHARES)
+    ids = [f"img_{i:05d}.jpg" for i in range(n_train)]
+    ids1 = [f"img_{i:05d}.jpg" for i in range(n_train, n_train + n_test)]
+    ids2 = [f"test_stg2/image_{i:05d}.jpg" for i in range(n_test)]
+    manifest = pd.DataFrame(
+        {
+            "id": ids + ids1 + ids2,
+            "split": ["train"] * n_train + ["test_stg1"] * n_test + ["test_stg2"] * n_test,
+            "path": "x.jpg",
+            "label": [FISH_CLASSES[c] for c in y] + [""] * (2 * n_test),
+            "width": 320,
+            "height": 180,
+            "group": 0,
+            "sha1": "0",
+            "true_boat": "",
+        }
+    )
+    Path(paths.manifest).parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(paths.manifest, index=False)
+    for bb in backbones:
+        folder = Path(paths.predictions) / bb
+        folder.mkdir(parents=True, exist_ok=True)
+        params = MODELS.get(bb, (1.5, 1.0, 1.0))
+        oof = pd.DataFrame(noisy_softmax(y, rng, *params), columns=list(FISH_CLASSES))
+        oof.insert(0, "fold", folds)
+        oof.insert(0, "id", ids)
+        # Shuffled: the stage must align rows by id, not by position.
+        oof.sample(frac=1.0, random_state=1).to_csv(folder / "oof.csv", index=False)
+        for name, labels, names in (("test_stg1", y1, ids1), ("test_stg2", y2, ids2)):
+            test = pd.DataFrame(noisy_softmax(labels, rng, *params), columns=list(FISH_CLASSES))
+            test.insert(0, "id", names)
+            test.to_csv(folder / f"{name}.csv", index=False)
+    order1 = list(rng.permutation(ids1))
+    order2 = order1 + list(rng.permutation(ids2))
+    Path(paths.sample_stg1).parent.mkdir(parents=True, exist_ok=True)
+    for sample_path, order in ((paths.sample_stg1, order1), (paths.sample_stg2, order2)):
+        sample = pd.DataFrame(np.full((len(order), K), 0.125), columns=list(FISH_CLASSES))
+        sample.insert(0, "image", order)
+        sample.to_csv(sample_path, index=False)
+    solution = pd.DataFrame(
+        {
+            "image": ids1 + ids2,
+            "label": [FISH_CLASSES[c] for c in np.r_[y1, y2]],
+            "stage": [1] * n_test + [2] * n_test,
+        }
+    )
+    solution.to_csv(paths.solution, index=False)
+    return paths, dict(zip(solution["image"], solution["label"], strict=True))

@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 import os
-import stat
 import uuid
-import zipfile
 from pathlib import Path
 
 import py7zr
 import pytest
 
-from pipeline import archives
-from pipeline.archives import ArchiveError, entry_problem, extract
+from pipeline.core import archives
+from pipeline.core.archives import ArchiveError, entry_problem, extract
+from tests.downloads import write_7z, write_zip
 
 BIG = 10**9
-
-
-def _zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(zipfile.ZipInfo(name), data)  # ZipInfo keeps '..' and '/' exactly as given
-        for name, target in (links or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-    return path
-
-
-def _7z(path: Path, src: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
-    """A real 7z archive; py7zr stores names as given (including '..') and symlinks as links."""
-    src.mkdir(parents=True, exist_ok=True)
-    with py7zr.SevenZipFile(path, "w") as sz:
-        for i, (name, data) in enumerate(entries.items()):
-            f = src / f"f{i}"
-            f.write_bytes(data)
-            sz.write(f, name)
-        for i, (name, target) in enumerate((links or {}).items()):
-            link = src / f"l{i}"
-            os.symlink(target, link)
-            sz.write(link, name)
-    return path
 
 
 def _all_files(folder: Path) -> set[str]:
@@ -70,7 +43,7 @@ def test_zip_refuses_escaping_entries_and_links_and_writes_nothing_outside(tmp_p
     work = tmp_path / "work"
     work.mkdir()
     absolute = tmp_path / f"abs_evil_{uuid.uuid4().hex}.jpg"
-    arc = _zip(
+    arc = write_zip(
         work / "train.zip",
         {
             "train/ALB/img_1.jpg": b"one",
@@ -99,7 +72,7 @@ def test_zip_refuses_escaping_entries_and_links_and_writes_nothing_outside(tmp_p
 
 
 def test_7z_refuses_escaping_entries_and_links(tmp_path):
-    arc = _7z(
+    arc = write_7z(
         tmp_path / "test_stg2.7z",
         tmp_path / "src",
         {"test_stg2/image_1.jpg": b"img", "../evil7z.jpg": b"evil"},
@@ -117,9 +90,9 @@ def test_7z_refuses_escaping_entries_and_links(tmp_path):
 def test_caps_stop_an_archive_before_extracting(tmp_path, kind):
     entries = {f"train/ALB/img_{i}.jpg": b"x" * 1000 for i in range(5)}
     arc = (
-        _zip(tmp_path / "a.zip", entries)
+        write_zip(tmp_path / "a.zip", entries)
         if kind == "zip"
-        else _7z(tmp_path / "a.7z", tmp_path / "src", entries)
+        else write_7z(tmp_path / "a.7z", tmp_path / "src", entries)
     )
     dest = tmp_path / "out"
     with pytest.raises(ArchiveError, match="max_archive_entries"):
@@ -135,9 +108,9 @@ def test_caps_stop_an_archive_before_extracting(tmp_path, kind):
 def test_bytes_are_counted_while_extracting_when_headers_lie(tmp_path, kind, monkeypatch):
     entries = {f"train/ALB/img_{i}.jpg": os.urandom(50_000) for i in range(4)}
     arc = (
-        _zip(tmp_path / "a.zip", entries)
+        write_zip(tmp_path / "a.zip", entries)
         if kind == "zip"
-        else _7z(tmp_path / "a.7z", tmp_path / "src", entries)
+        else write_7z(tmp_path / "a.7z", tmp_path / "src", entries)
     )
     # Pretend the declared sizes passed the check, as a crafted header would make them.
     monkeypatch.setattr(archives, "_check_caps", lambda *a, **k: None)
@@ -151,7 +124,7 @@ def test_bytes_are_counted_while_extracting_when_headers_lie(tmp_path, kind, mon
 
 
 def test_unchanged_archive_is_not_extracted_twice(tmp_path, monkeypatch):
-    arc = _zip(tmp_path / "train.zip", {"train/ALB/img_1.jpg": b"one"})
+    arc = write_zip(tmp_path / "train.zip", {"train/ALB/img_1.jpg": b"one"})
     first = extract(arc, tmp_path / "out", BIG, 10)
 
     def boom(*a, **k):
@@ -173,7 +146,7 @@ def test_unreadable_archive_is_a_clear_error(tmp_path, name):
 
 
 def test_damaged_zip_member_is_refused_and_the_rest_extracted(tmp_path):
-    arc = _zip(tmp_path / "train.zip", {"train/ALB/a.jpg": b"a" * 5000, "train/ALB/b.jpg": b"b" * 5000})
+    arc = write_zip(tmp_path / "train.zip", {"train/ALB/a.jpg": b"a" * 5000, "train/ALB/b.jpg": b"b" * 5000})
     data = bytearray(arc.read_bytes())
     start = data.find(b"train/ALB/a.jpg") + len("train/ALB/a.jpg")
     data[start + 5 : start + 15] = b"\xff" * 10  # corrupt the first member's deflate stream

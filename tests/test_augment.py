@@ -7,14 +7,16 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import augment, config
-from tests.factories import tiny_params
+from pipeline.core.augmentation import NightVision, train_policy
+from pipeline.core.batches import AugmentedBatches
+from pipeline.core.params import Augment
+from pipeline.stages import augment
+from tests.factories import section
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> config.Augment:
-    return config.load_section("augment", tiny_params(tmp_path_factory.mktemp("p"), **{"augment.tta_views": 3,
-                                                                                      "augment.train_views": 2}))
+def cfg() -> Augment:
+    return section(Augment, "augment", tta_views=3, train_views=2)
 
 
 def images(n: int = 6, size: int = 24) -> np.ndarray:
@@ -41,7 +43,7 @@ def test_too_many_test_time_views_are_refused(cfg):
 
 def test_night_vision_is_green_and_flat():
     day = cv2.resize(images(1, 8)[0], (64, 64), interpolation=cv2.INTER_NEAREST)
-    night = augment.NightVision(p=1.0)(image=day)["image"].astype(float)
+    night = NightVision(p=1.0)(image=day)["image"].astype(float)
     r, g, b = night.reshape(-1, 3).mean(axis=0)
     assert g > 1.8 * r and g > 1.8 * b
     assert night[..., 1].std() < day.astype(float).mean(axis=2).std()
@@ -51,7 +53,7 @@ def test_night_vision_is_green_and_flat():
 def test_fine_tuning_batches_cover_the_rows_and_split_evenly_over_replicas(cfg, replicas, n_rows):
     x = images(30)
     rows, labels = np.arange(3, 3 + n_rows), np.arange(n_rows) % 8
-    batches = augment.AugmentedBatches(x, rows, labels, 8, 8, augment.train_policy(cfg), seed=0,
+    batches = AugmentedBatches(x, rows, labels, 8, 8, train_policy(cfg), seed=0,
                                        replicas=replicas)
     seen = []
     for i in range(len(batches)):
@@ -71,7 +73,7 @@ def test_fine_tuning_batches_are_the_same_whichever_thread_draws_them(cfg):
     x = images(40)
 
     def batches():
-        return augment.AugmentedBatches(x, np.arange(40), np.arange(40) % 8, 8, 8, augment.train_policy(cfg), seed=3)
+        return AugmentedBatches(x, np.arange(40), np.arange(40) % 8, 8, 8, train_policy(cfg), seed=3)
 
     one, other = batches(), batches()
     first = [one[i][0] for i in range(len(one))]
@@ -88,8 +90,8 @@ def test_worker_processes_draw_exactly_the_batches_threads_draw(cfg, tmp_path):
     cache = np.load(tmp_path / "cache.npy", mmap_mode="r")
     rows, labels = np.arange(3, 40), np.arange(37) % 8
 
-    def batches(processes: int) -> augment.AugmentedBatches:
-        return augment.AugmentedBatches(cache, rows, labels, 8, 8, augment.train_policy(cfg), seed=5,
+    def batches(processes: int) -> AugmentedBatches:
+        return AugmentedBatches(cache, rows, labels, 8, 8, train_policy(cfg), seed=5,
                                         processes=processes)
 
     threads, pool = batches(0), batches(2)
@@ -102,10 +104,10 @@ def test_worker_processes_draw_exactly_the_batches_threads_draw(cfg, tmp_path):
     finally:
         pool.close()
     with pytest.raises(ValueError, match="memory-mapped"):
-        augment.AugmentedBatches(images(), rows, labels, 8, 8, augment.train_policy(cfg), seed=5, processes=2)
+        AugmentedBatches(images(), rows, labels, 8, 8, train_policy(cfg), seed=5, processes=2)
 
 
 def test_a_batch_size_the_replicas_cannot_share_is_refused(cfg):
     with pytest.raises(ValueError, match="multiple of the number of GPUs"):
-        augment.AugmentedBatches(images(), np.arange(6), np.zeros(6, int), 8, 6, augment.train_policy(cfg), seed=0,
+        AugmentedBatches(images(), np.arange(6), np.zeros(6, int), 8, 6, train_policy(cfg), seed=0,
                                  replicas=4)

@@ -26,7 +26,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from pipeline import tracking, ui
+from pipeline.core import tracking
+from pipeline.tools import ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent

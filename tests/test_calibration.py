@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import calibration as cal
-from pipeline.config import FISH_CLASSES
-from pipeline.metrics import kaggle_log_loss
+from pipeline.core import calibration as cal
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.metrics import kaggle_log_loss
 
 K = len(FISH_CLASSES)
 

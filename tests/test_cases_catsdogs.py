@@ -7,17 +7,15 @@ import zipfile
 import cv2
 import numpy as np
 import pytest
-import yaml
 
-from pipeline import config
-from pipeline.cases import catsdogs, common
-from tests.factories import ROOT
+from pipeline.core.params import CatsDogs, ConfigError, load
+from pipeline.generators.cartoons import demo_images
+from pipeline.stages import catsdogs
+from tests.factories import ROOT, section, write_params
 
 
-def _cfg(**overrides) -> catsdogs.CatsDogsParams:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["catsdogs"]
-    raw.update(overrides)
-    return config.from_dict(catsdogs.CatsDogsParams, raw, "catsdogs")
+def _cfg(**overrides) -> CatsDogs:
+    return section(CatsDogs, "catsdogs", **overrides)
 
 
 def _jpeg(value: int, h: int = 40, w: int = 56) -> bytes:
@@ -40,19 +38,19 @@ def _petimages(root):
 
 
 def test_params_section_validates():
-    cfg, _, _ = common.load_params("catsdogs", catsdogs.CatsDogsParams, ROOT / "params.yaml")
+    cfg = load(catsdogs.Settings, ROOT / "params.yaml").catsdogs
     assert cfg.source == "demo" and cfg.weights == "none"
-    with pytest.raises(config.ConfigError, match="not one of"):
+    with pytest.raises(ConfigError, match="not one of"):
         _cfg(source="flickr")
 
 
 def test_demo_images_are_balanced_varied_and_repeatable():
-    x, y = catsdogs.demo_images(40, 64, seed=3)
+    x, y = demo_images(40, 64, seed=3)
     assert x.shape == (40, 64, 64, 3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [20, 20]
-    x2, y2 = catsdogs.demo_images(40, 64, seed=3)
+    x2, y2 = demo_images(40, 64, seed=3)
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)
-    assert not np.array_equal(catsdogs.demo_images(40, 64, seed=4)[0], x)
+    assert not np.array_equal(demo_images(40, 64, seed=4)[0], x)
     # Backgrounds vary, so mean colour alone must not give the class away.
     means = x.reshape(40, -1).mean(1)
     assert abs(means[y == 0].mean() - means[y == 1].mean()) < 2 * means.std()
@@ -107,7 +105,7 @@ def test_split_is_stratified_and_disjoint():
 
 
 def test_embeddings_are_cached_and_recomputed_when_the_images_change(tmp_path, monkeypatch):
-    x, _ = catsdogs.demo_images(6, 32, seed=0)
+    x, _ = demo_images(6, 32, seed=0)
     ext = catsdogs.extractor_settings(_cfg(image_size=32), seed=0)
     cache = tmp_path / "emb.npz"
     first = catsdogs.embed(x, ext, 8, cache)
@@ -116,17 +114,18 @@ def test_embeddings_are_cached_and_recomputed_when_the_images_change(tmp_path, m
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the extractor was rebuilt although nothing changed")
 
-    monkeypatch.setattr("pipeline.models.build_extractor", no_rebuild)
+    monkeypatch.setattr(catsdogs, "build_extractor", no_rebuild)
     np.testing.assert_array_equal(catsdogs.embed(x, ext, 8, cache), first)
     with pytest.raises(AssertionError, match="rebuilt"):
         catsdogs.embed(x[::-1].copy(), ext, 8, cache)
 
 
 def test_backbone_and_shared_head_take_a_finite_training_step():
-    from pipeline.models import build_extractor, build_head
+    from pipeline.core.backbones import build_extractor
+    from pipeline.core.heads import build_head
 
     extractor = build_extractor("vgg16", 32, "none", "avg")
-    x, y = catsdogs.demo_images(8, 32, seed=1)
+    x, y = demo_images(8, 32, seed=1)
     features = extractor.predict(x, verbose=0)
     assert features.shape == (8, 512)
     head = build_head(512, 2, 16, 0.1, 0.1)
@@ -140,14 +139,12 @@ def test_stage_on_petimages_writes_quarantine_metrics_and_roc(tmp_path):
     for i in range(3, 10):  # enough of each class for a train / val / test split
         (tmp_path / "raw" / "PetImages" / "Cat" / f"{i}.jpg").write_bytes(_jpeg(20 + 5 * i))
         (tmp_path / "raw" / "PetImages" / "Dog" / f"{i}.jpg").write_bytes(_jpeg(240 - 5 * i))
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["catsdogs"].update(
-        source="petimages", data_dir=str(tmp_path / "raw"), image_size=32, test_fraction=0.3,
-        embeddings=str(tmp_path / "processed" / "emb.npz"), reports=str(tmp_path / "reports"),
-    )
-    raw["catsdogs"]["train"].update(epochs=2, batch_size=8)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    summary = catsdogs.main(str(tmp_path / "params.yaml"))
+    path = write_params(tmp_path, {
+        "catsdogs.source": "petimages", "catsdogs.data_dir": str(tmp_path / "raw"), "catsdogs.image_size": 32,
+        "catsdogs.test_fraction": 0.3, "catsdogs.embeddings": str(tmp_path / "processed" / "emb.npz"),
+        "catsdogs.reports": str(tmp_path / "reports"), "catsdogs.train.epochs": 2, "catsdogs.train.batch_size": 8,
+    })
+    summary = catsdogs.run(load(catsdogs.Settings, path))
     quarantine = json.loads((tmp_path / "reports" / "quarantine.json").read_text())
     assert quarantine["n_quarantined"] == summary["n_quarantined"] == 3 and quarantine["n_used"] == 20
     assert all(q["reason"] for q in quarantine["files"])

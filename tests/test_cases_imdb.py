@@ -6,30 +6,29 @@ from collections import defaultdict
 import keras
 import numpy as np
 import pytest
-import yaml
 
-from pipeline import config
-from pipeline.cases import common, imdb
-from tests.factories import ROOT
+from pipeline.core.cases import DatasetUnavailable
+from pipeline.core.params import Imdb, load
+from pipeline.generators import reviews
+from pipeline.stages import imdb
+from tests.factories import section, write_params
 
 
-def _cfg(**overrides) -> imdb.ImdbParams:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())["imdb"]
-    raw.update(overrides)
-    return config.from_dict(imdb.ImdbParams, raw, "imdb")
+def _cfg(**overrides) -> Imdb:
+    return section(Imdb, "imdb", **overrides)
 
 
 def reference_sentiment(words: list[str]) -> int:
     """The demo's semantics, written independently of the generator: 1 positive, 0 negative."""
 
     def clause(part: list[str]) -> int:
-        polarity = 1 if any(w in imdb.POSITIVE for w in part) else -1
-        return -polarity if any(w in imdb.NEGATORS for w in part) else polarity
+        polarity = 1 if any(w in reviews.POSITIVE for w in part) else -1
+        return -polarity if any(w in reviews.NEGATORS for w in part) else polarity
 
     sentences = " ".join(words).split(" . ")
-    core = next(s.split() for s in sentences if any(w in imdb.POSITIVE + imdb.NEGATIVE for w in s.split()))
+    core = next(s.split() for s in sentences if any(w in reviews.POSITIVE + reviews.NEGATIVE for w in s.split()))
     if "only" in core:  # "not only X but also Y"
-        return int(core[core.index("only") + 1] in imdb.POSITIVE)
+        return int(core[core.index("only") + 1] in reviews.POSITIVE)
     if "but" in core:  # the clause after "but" decides
         return int(clause(core[core.index("but") + 1 :]) > 0)
     return int(clause(core) > 0)
@@ -45,19 +44,19 @@ def test_reference_semantics(text, label):
 
 
 def test_demo_labels_follow_the_order_dependent_rules():
-    texts, labels = imdb.demo_reviews(600, seed=5)
+    texts, labels = reviews.demo_reviews(600, seed=5)
     assert [reference_sentiment(t) for t in texts] == labels.tolist()
     assert 0.4 < labels.mean() < 0.6
 
 
 def test_the_same_bag_of_words_occurs_with_both_labels():
-    texts, labels = imdb.demo_reviews(600, seed=5)
+    texts, labels = reviews.demo_reviews(600, seed=5)
     by_bag = defaultdict(set)
     for text, label in zip(texts, labels, strict=True):
         by_bag[tuple(sorted(text))].add(int(label))
     ambiguous = sum(len(seen) == 2 for seen in by_bag.values())
     assert ambiguous > 0.2 * len(by_bag)  # every "A but B" has its mirror "B but A" with the other label
-    negations = [t for t in texts if any(w in imdb.NEGATORS for w in t) and "only" not in t]
+    negations = [t for t in texts if any(w in reviews.NEGATORS for w in t) and "only" not in t]
     assert len(negations) > 100
 
 
@@ -112,7 +111,7 @@ def test_keras_source_reads_the_cached_file_with_keras_conventions(tmp_path, mon
 
 def test_missing_imdb_npz_offline_names_the_file_the_folder_and_the_fix(tmp_path, monkeypatch, offline):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
-    with pytest.raises(common.DatasetUnavailable) as err:
+    with pytest.raises(DatasetUnavailable) as err:
         imdb.load_source(_cfg(source="keras"), seed=0)
     message = str(err.value)
     assert "imdb.npz" in message and str(tmp_path / "empty" / "datasets") in message
@@ -134,12 +133,22 @@ def test_model_follows_the_course_and_takes_a_finite_training_step(rnn):
 
 
 def test_stage_writes_both_scores_and_the_roc_curve(tmp_path):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["imdb"].update(demo_reviews=300, epochs=1, rnn_units=8, reports=str(tmp_path / "reports"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    summary = imdb.main(str(tmp_path / "params.yaml"))
+    path = write_params(tmp_path, {"imdb.demo_reviews": 300, "imdb.epochs": 1, "imdb.rnn_units": 8,
+                                   "imdb.reports": str(tmp_path / "reports")})
+    s = load(imdb.Settings, path)
+    summary = imdb.run(s)
     saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(summary))
+    assert saved["n_train"] + saved["n_test"] == s.imdb.demo_reviews
     for name in ("model", "bag_of_words"):
         assert {"test_accuracy", "test_roc_auc"} <= set(saved[name])
     assert (tmp_path / "reports" / "roc_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_the_lstm_beats_the_bag_of_words_on_reviews_whose_order_decides(tmp_path):
+    """The case's point: "not good" and "A but B" need word order, which a bag of words throws away."""
+    path = write_params(tmp_path, {"imdb.demo_reviews": 2000, "imdb.reports": str(tmp_path / "imdb")})
+    summary = imdb.run(load(imdb.Settings, path))
+    assert summary["model_beats_bag_of_words"], summary
+    assert summary["model"]["test_accuracy"] > summary["bag_of_words"]["test_accuracy"] + 0.2

@@ -15,9 +15,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import demo
-from pipeline.config import FISH_CLASSES, Demo
-from pipeline.metrics import kaggle_log_loss, prior_log_loss
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.metrics import kaggle_log_loss, prior_log_loss
+from pipeline.core.params import Demo
+from pipeline.generators import demo
 
 TINY = Demo(n_train=48, n_test_stg1=12, n_test_stg2=16, train_boats=3, new_boats=2, width=96,
             night_share=0.25, burst=2.0, seed=7)
@@ -271,7 +272,7 @@ def test_main_writes_the_configured_folder(tmp_path, monkeypatch, capsys):
         "  width: 64\n  night_share: 0.1\n  burst: 2.0\n  seed: 1\n"
     )
     monkeypatch.chdir(tmp_path)
-    demo.main()
+    demo.main([])
     assert len(pd.read_csv(tmp_path / "raw/demo/sample_submission_stg2.csv")) == 8
     assert len(list((tmp_path / "raw/demo/train").rglob("*.jpg"))) == 40
     assert "demo: wrote 40 train" in capsys.readouterr().out

@@ -6,6 +6,7 @@ it was fit on, and every stacking (and nested) prediction of a row comes from a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,95 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import calibration as cal
-from pipeline import config
-from pipeline import ensemble as E
-from pipeline.config import FISH_CLASSES
-from pipeline.metrics import kaggle_log_loss
-from tests.factories import tiny_params
-
-K = len(FISH_CLASSES)
-TRAIN_SHARES = np.array([1719, 200, 117, 67, 465, 299, 176, 734]) / 3777
-STAGE2_SHARES = np.array([0.40, 0.108, 0.05, 0.03, 0.12, 0.10, 0.012, 0.18])
-#: (signal, noise, sharpness) per synthetic model: decent, overconfident, underconfident and weak.
-MODELS = {"vgg16": (2.2, 1.0, 1.0), "resnet50": (1.8, 1.2, 3.0), "xception": (1.2, 1.0, 0.5)}
-
-
-def noisy_softmax(
-    y: np.ndarray, rng: np.random.Generator, signal: float, noise: float, sharp: float
-) -> np.ndarray:
-    logits = rng.normal(0.0, noise, (len(y), K))
-    logits[np.arange(len(y)), y] += signal
-    return cal.softmax(sharp * logits)
-
-
-def synthetic_stack(n=300, models=None, n_folds=5, seed=0):
-    rng = np.random.default_rng(seed)
-    y = rng.choice(K, n, p=TRAIN_SHARES)
-    folds = rng.permutation(np.arange(n) % n_folds)
-    stack = np.stack([noisy_softmax(y, rng, *m) for m in (models or MODELS.values())])
-    return stack, y, folds
-
-
-def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_folds=4, seed=0, **overrides):
-    """A params.yaml under `root` plus everything the ensemble, submit and score stages read.
-
-    Returns the validated `paths` section and the true test labels by image name.
-    """
-    raw = tiny_params(root, **{"model.backbones": list(backbones), **overrides})
-    paths = config.load_section("paths", raw)
-    rng = np.random.default_rng(seed)
-    y = rng.choice(K, n_train, p=TRAIN_SHARES)
-    folds = rng.permutation(np.arange(n_train) % n_folds)
-    y1 = rng.choice(K, n_test, p=TRAIN_SHARES)
-    y2 = rng.choice(K, n_test, p=STAGE2_SHARES)
-    ids = [f"img_{i:05d}.jpg" for i in range(n_train)]
-    ids1 = [f"img_{i:05d}.jpg" for i in range(n_train, n_train + n_test)]
-    ids2 = [f"test_stg2/image_{i:05d}.jpg" for i in range(n_test)]
-    manifest = pd.DataFrame(
-        {
-            "id": ids + ids1 + ids2,
-            "split": ["train"] * n_train + ["test_stg1"] * n_test + ["test_stg2"] * n_test,
-            "path": "x.jpg",
-            "label": [FISH_CLASSES[c] for c in y] + [""] * (2 * n_test),
-            "width": 320,
-            "height": 180,
-            "group": 0,
-            "sha1": "0",
-            "true_boat": "",
-        }
-    )
-    Path(paths.manifest).parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(paths.manifest, index=False)
-    for bb in backbones:
-        folder = Path(paths.predictions) / bb
-        folder.mkdir(parents=True, exist_ok=True)
-        params = MODELS.get(bb, (1.5, 1.0, 1.0))
-        oof = pd.DataFrame(noisy_softmax(y, rng, *params), columns=list(FISH_CLASSES))
-        oof.insert(0, "fold", folds)
-        oof.insert(0, "id", ids)
-        # Shuffled: the stage must align rows by id, not by position.
-        oof.sample(frac=1.0, random_state=1).to_csv(folder / "oof.csv", index=False)
-        for name, labels, names in (("test_stg1", y1, ids1), ("test_stg2", y2, ids2)):
-            test = pd.DataFrame(noisy_softmax(labels, rng, *params), columns=list(FISH_CLASSES))
-            test.insert(0, "id", names)
-            test.to_csv(folder / f"{name}.csv", index=False)
-    order1 = list(rng.permutation(ids1))
-    order2 = order1 + list(rng.permutation(ids2))
-    Path(paths.sample_stg1).parent.mkdir(parents=True, exist_ok=True)
-    for sample_path, order in ((paths.sample_stg1, order1), (paths.sample_stg2, order2)):
-        sample = pd.DataFrame(np.full((len(order), K), 0.125), columns=list(FISH_CLASSES))
-        sample.insert(0, "image", order)
-        sample.to_csv(sample_path, index=False)
-    solution = pd.DataFrame(
-        {
-            "image": ids1 + ids2,
-            "label": [FISH_CLASSES[c] for c in np.r_[y1, y2]],
-            "stage": [1] * n_test + [2] * n_test,
-        }
-    )
-    solution.to_csv(paths.solution, index=False)
-    return paths, dict(zip(solution["image"], solution["label"], strict=True))
+from pipeline.core import ensembling as E
+from pipeline.core.calibration import class_shares
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.manifest import read_manifest, train_labels
+from pipeline.core.metrics import kaggle_log_loss
+from pipeline.core.params import Ensemble, load
+from pipeline.core.predictions import Predictions, read_predictions
+from pipeline.stages import ensemble
+from tests.factories import MODELS, TRAIN_SHARES, K, synthetic_stack, write_inputs
 
 
 def _fit_loss(method, stack, y, folds, **flags):
@@ -183,20 +104,23 @@ def _row_index(stack):
 def test_stacking_predicts_each_fold_with_a_model_that_never_saw_it(monkeypatch):
     stack, y, folds = synthetic_stack(n=200, seed=6)
     index = _row_index(stack)
-    fit, proba = E.fit_stacker, E.stacker_proba
+    fit = E.fit_stacker
     seen = []
 
-    def spy_fit(s, yy, c):
-        model = fit(s, yy, c)
-        model.rows_ = {index[s[:, i].tobytes()] for i in range(s.shape[1])}
-        return model
+    class Spy:
+        """A fitted stacker that remembers the rows it was fit on and records the rows it scores."""
 
-    def spy_proba(model, s):
-        seen.append((model.rows_, {index[s[:, i].tobytes()] for i in range(s.shape[1])}))
-        return proba(model, s)
+        def __init__(self, model, rows):
+            self.model, self.rows = model, rows
+
+        def proba(self, s):
+            seen.append((self.rows, {index[s[:, i].tobytes()] for i in range(s.shape[1])}))
+            return self.model.proba(s)
+
+    def spy_fit(s, yy, c):
+        return Spy(fit(s, yy, c), {index[s[:, i].tobytes()] for i in range(s.shape[1])})
 
     monkeypatch.setattr(E, "fit_stacker", spy_fit)
-    monkeypatch.setattr(E, "stacker_proba", spy_proba)
     E.cross_fit_stacker(stack, y, folds, 1.0)
     assert len(seen) == len(np.unique(folds))
     predicted = set()
@@ -215,12 +139,12 @@ def test_stacking_oof_is_not_the_optimistic_in_sample_score():
     y = rng.choice(K, n, p=TRAIN_SHARES)
     folds = np.arange(n) % 4
     stack = rng.dirichlet(np.ones(K), size=(4, n))
-    in_sample = kaggle_log_loss(y, E.stacker_proba(E.fit_stacker(stack, y, 100.0), stack))
+    in_sample = kaggle_log_loss(y, E.fit_stacker(stack, y, 100.0).proba(stack))
     fitted, oof = E.fit_ensemble(
         "stacking", stack, y, folds, temperature=False, clip=False, stacking_c=(100.0,)
     )
     reported = kaggle_log_loss(y, oof)
-    prior = kaggle_log_loss(y, np.tile(cal.class_shares(y, K), (n, 1)))
+    prior = kaggle_log_loss(y, np.tile(class_shares(y, K), (n, 1)))
     assert in_sample < prior - 0.2  # the optimism a non-cross-fitted stacker would report
     assert reported > prior  # honest: noise cannot beat the class prior out of fold
     # ...and it is exactly the cross-fitted stacker's output (temperature 1 only renormalises the inputs).
@@ -252,7 +176,8 @@ def test_stacking_regularisation_is_the_lowest_cross_fitted_loss_of_the_grid():
     np.testing.assert_allclose(oof, E.cross_fit_stacker(stack, y, folds, c))
     fitted, _ = E.fit_ensemble("stacking", stack, y, folds, temperature=False, clip=False, stacking_c=grid)
     assert fitted.stacking_c == c
-    assert fitted.stacker[-1].get_params()["C"] == c
+    # The stacker kept for the test sets is the fit on every OOF row at the chosen strength.
+    np.testing.assert_allclose(fitted.stacker.proba(stack), E.fit_stacker(stack, y, c).proba(stack))
 
 
 def test_stacking_needs_folds():
@@ -273,12 +198,18 @@ def _cfg(**changes):
         "prior": "train",
         "stacking_c": (0.01, 0.1, 1.0),
     }
-    return config.Ensemble(**{**base, **changes})
+    return Ensemble(**{**base, **changes})
+
+
+def _run(root, **changes) -> dict:
+    """The stage on the inputs `write_inputs` left in `root`, with `ensemble` settings changed."""
+    s = load(ensemble.Settings, root / "params.yaml")
+    return ensemble.run(dataclasses.replace(s, ensemble=_cfg(**changes)))
 
 
 def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
     paths, _ = write_inputs(tmp_path)
-    report = E.run(paths, tuple(MODELS), _cfg())
+    report = _run(tmp_path)
 
     oof = pd.read_csv(Path(paths.ensemble) / "oof.csv")
     assert list(oof.columns) == ["id", "fold", *FISH_CLASSES] and len(oof) == 240
@@ -296,7 +227,8 @@ def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
     assert set(metrics["cv_accuracy"]) == {*MODELS, "ensemble"}
 
     saved = json.loads(Path(paths.ensemble_report).read_text())
-    assert saved["mlflow_run_id"] is None and saved["chosen"]["method"] == "weighted"
+    assert "mlflow_run_id" not in saved and saved["chosen"]["method"] == "weighted"  # outputs are pure
+    assert saved["fitted"]["method"] == "weighted" and len(saved["fitted"]["model_temperatures"]) == len(MODELS)
     assert set(saved["results"]) == {*(f"model:{bb}" for bb in MODELS), *E.METHODS}
     assert (
         "in-sample" in saved["results"]["weighted"]["fit"]
@@ -307,7 +239,7 @@ def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
     assert set(row["weights"]) == set(MODELS) and sum(row["weights"].values()) == pytest.approx(1.0)
     assert report["table"].count("\n") >= len(MODELS) + len(E.METHODS)
     # The written OOF file is the chosen method's OOF predictions, as scored.
-    y = E.train_labels(paths.manifest, oof["id"].to_numpy())
+    y = train_labels(read_manifest(paths.manifest), oof["id"].to_numpy())
     assert kaggle_log_loss(y, oof[list(FISH_CLASSES)].to_numpy()) == pytest.approx(
         row["oof_logloss"], rel=1e-6
     )
@@ -315,9 +247,9 @@ def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
 
 def test_prior_correction_changes_test_predictions_only(tmp_path):
     paths, _ = write_inputs(tmp_path)
-    E.run(paths, tuple(MODELS), _cfg(method="mean"))
+    _run(tmp_path, method="mean")
     before = {n: pd.read_csv(Path(paths.ensemble) / f"{n}.csv") for n in ("oof", "test_stg2")}
-    E.run(paths, tuple(MODELS), _cfg(method="mean", prior="uniform"))
+    _run(tmp_path, method="mean", prior="uniform")
     after = {n: pd.read_csv(Path(paths.ensemble) / f"{n}.csv") for n in ("oof", "test_stg2")}
     pd.testing.assert_frame_equal(before["oof"], after["oof"])
     cols = list(FISH_CLASSES)
@@ -334,22 +266,24 @@ def test_inputs_that_disagree_are_refused(tmp_path):
     oof.loc[0, "fold"] = (oof.loc[0, "fold"] + 1) % 4
     oof.to_csv(oof_file, index=False)
     with pytest.raises(ValueError, match="different folds"):
-        E.read_predictions(paths.predictions, tuple(MODELS))
+        read_predictions(paths.predictions, tuple(MODELS))
     with pytest.raises(FileNotFoundError, match="run the train stage"):
-        E.read_predictions(paths.predictions, ("vgg16", "densenet"))
+        read_predictions(paths.predictions, ("vgg16", "densenet"))
 
 
-def test_main_records_an_mlflow_run_and_its_id(tmp_path, monkeypatch):
+def test_main_records_an_mlflow_run_tagged_with_the_reports_digest(tmp_path, monkeypatch):
     paths, _ = write_inputs(tmp_path, backbones=("vgg16", "resnet50"), **{"ensemble.method": "stacking"})
     monkeypatch.chdir(tmp_path)
-    E.main()
+    ensemble.main([])
     report = json.loads(Path(paths.ensemble_report).read_text())
-    run_id = report["mlflow_run_id"]
-    assert run_id
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.core import tracking
+    from pipeline.core.files import file_digest
 
+    s = load(ensemble.Settings, tmp_path / "params.yaml")
+    run_id = tracking.find_run(s.tracking, tracking.REPORT_TAG, file_digest(paths.ensemble_report))
+    assert run_id, "the ensemble run is found by the digest of the report it wrote"
     run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id)
     assert run.info.run_name.startswith("ensemble")
     assert run.data.params["ensemble.method"] == "stacking"
@@ -361,9 +295,41 @@ def test_main_records_an_mlflow_run_and_its_id(tmp_path, monkeypatch):
 
 def test_clip_without_temperature_is_scored_as_configured():
     stack, y, folds = synthetic_stack(n=200, seed=8)
-    preds = E.Predictions(tuple(MODELS), np.arange(200).astype(str), folds, stack, {})
+    preds = Predictions(tuple(MODELS), np.arange(200).astype(str), folds, stack, {})
     rows, fits = E.evaluate(preds, y, _cfg(method="mean", temperature=False, clip=True), nested=False)
     row = rows["mean"]
     assert fits["mean"][0].model_temperatures == (1.0, 1.0, 1.0) and fits["mean"][0].temperature == 1.0
     assert row["oof_logloss"] <= row["oof_logloss_uncalibrated"] + 1e-12
     assert row["oof_logloss_nested_cv"] is None
+
+
+def test_the_stackers_own_prediction_is_scikit_learns():
+    """The stacker is fit by scikit-learn and predicted by `Stacker.proba` (so the served model needs no
+    pickled estimator): the two must agree, a stacker that saw only some classes included."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(2)
+    for n_classes in (8, 5, 2):
+        y = rng.integers(0, n_classes, 120)
+        stack = rng.dirichlet(np.ones(K), size=(2, 120))
+        stack[:, np.arange(120), y] += 0.5
+        x = E.stack_features(stack)
+        scaler = StandardScaler().fit(x)
+        reference = LogisticRegression(C=0.3, max_iter=2000).fit(scaler.transform(x), y)
+        fresh = rng.dirichlet(np.ones(K), size=(2, 30))
+        expected = np.full((30, K), 1e-15)
+        expected[:, reference.classes_] = reference.predict_proba(scaler.transform(E.stack_features(fresh)))
+        got = E.fit_stacker(stack, y, 0.3).proba(fresh)
+        np.testing.assert_allclose(got, expected / expected.sum(1, keepdims=True), rtol=1e-6, atol=1e-9)
+        if n_classes < K:
+            assert got[:, n_classes:].max() < 1e-12  # an unseen class gets the floor only
+
+
+def test_a_fitted_ensemble_survives_its_json_round_trip():
+    stack, y, folds = synthetic_stack(n=200, seed=3)
+    fresh = synthetic_stack(n=50, seed=4)[0]
+    for method in E.METHODS:
+        fitted, _ = E.fit_ensemble(method, stack, y, folds, temperature=True, clip=True, stacking_c=(0.1, 1.0))
+        back = E.fitted_from_json(json.loads(json.dumps(E.fitted_to_json(fitted))))
+        np.testing.assert_allclose(E.predict(back, fresh), E.predict(fitted, fresh), rtol=1e-12, atol=1e-15)

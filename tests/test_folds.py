@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.folds import assign_folds
+from pipeline.core.folds import assign_folds
 
 
 def _data(seed=0, n=240, n_groups=12):

@@ -8,45 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import groups
-
-
-def boat_layout(boat: int, w: int, h: int) -> np.ndarray:
-    """A boat's fixed camera view: a light deck with dark lines and hatches at seeded places."""
-    rng = np.random.default_rng(1000 + boat)
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:] = rng.integers(140, 220, 3)
-    for _ in range(4):
-        p = rng.integers(0, [w, h, w, h])
-        cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), rng.integers(0, 70, 3).tolist(), 3)
-    for _ in range(2):
-        x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        size = (x + int(rng.integers(10, 40)), y + int(rng.integers(10, 30)))
-        cv2.rectangle(img, (x, y), size, rng.integers(0, 90, 3).tolist(), -1)
-    return img
-
-
-def boat_frame(layout: np.ndarray, seed: int, night: bool = False) -> np.ndarray:
-    """One frame of that boat: camera jitter, a fish somewhere, sensor noise; night vision if asked."""
-    rng = np.random.default_rng(seed)
-    h, w = layout.shape[:2]
-    img = np.roll(layout, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1)).copy()
-    centre = (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10)))
-    cv2.ellipse(
-        img,
-        centre,
-        (int(w * 0.12), int(h * 0.05)),
-        float(rng.uniform(0, 180)),
-        0,
-        360,
-        rng.integers(0, 255, 3).tolist(),
-        -1,
-    )
-    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
-    if night:  # green, dim, flat: what the night-vision cameras record
-        g = 0.55 * img.mean(axis=2) + 40
-        img = np.stack([0.35 * g, g, 0.45 * g], axis=-1)
-    return img.astype(np.uint8)
+from pipeline.core import boat_groups as groups
+from tests.downloads import boat_frame, boat_layout
 
 
 def test_hashes_are_stable_under_brightness_and_differ_between_scenes():

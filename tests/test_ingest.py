@@ -7,185 +7,47 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import stat
 import subprocess
 import sys
-import uuid
-import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-import py7zr
 import pytest
 import yaml
 
-from pipeline import config, download, ingest
-from pipeline.config import FISH_CLASSES
-from pipeline.decode import decode_all, decode_bytes, fit_square, jpeg_header, reduction
-from pipeline.sources import IngestError
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.decode import decode_all, decode_bytes, fit_square, jpeg_header, reduction
+from pipeline.core.manifest import COLUMNS as MANIFEST_COLUMNS
+from pipeline.core.params import load
+from pipeline.core.sources import IngestError
+from pipeline.stages import ingest
+from pipeline.tools.kaggle_auth import find_credentials
+from tests.downloads import (
+    boat_frame,
+    boat_layout,
+    jpeg,
+    make_download,
+    png,
+    sample_submission,
+    write_folder,
+    write_zip,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
-SHUFFLED = ["image", "YFT", "ALB", "SHARK", "BET", "OTHER", "DOL", "NoF", "LAG"]  # normalised on the way in
 
 
-# ------------------------------------------------------------------------------------------ fixtures
-
-
-def boat_frame(boat: int, seed: int, w: int, h: int, night: bool = False) -> np.ndarray:
-    """A frame of a planted boat: a fixed deck layout, camera jitter, a fish, noise (BGR for cv2)."""
-    rng = np.random.default_rng(1000 + boat)
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:] = rng.integers(140, 220, 3)
-    for _ in range(4):
-        p = rng.integers(0, [w, h, w, h])
-        cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), rng.integers(0, 70, 3).tolist(), 3)
-    for _ in range(2):
-        x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        cv2.rectangle(img, (x, y), (x + 25, y + 18), rng.integers(0, 90, 3).tolist(), -1)
-    rng = np.random.default_rng(seed)
-    img = np.roll(img, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
-    cv2.ellipse(
-        img,
-        (int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))),
-        (18, 6),
-        float(rng.uniform(0, 180)),
-        0,
-        360,
-        rng.integers(0, 255, 3).tolist(),
-        -1,
+def settings(source: str = "kaggle", workers: int = 2, **ingest_overrides) -> ingest.Settings:
+    """The repository's settings with paths relative to the test's root, at the test image size."""
+    s = load(ingest.Settings, REPO / "params.yaml")
+    return dataclasses.replace(
+        s,
+        data=dataclasses.replace(s.data, source=source),
+        ingest=dataclasses.replace(s.ingest, workers=workers, **ingest_overrides),
+        model=dataclasses.replace(s.model, image_size=SIZE),
     )
-    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
-    if night:
-        g = 0.55 * img.mean(axis=2) + 40
-        img = np.stack([0.45 * g, g, 0.35 * g], axis=-1)
-    return img.astype(np.uint8)
-
-
-def jpeg(img: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-
-
-def png(img: np.ndarray) -> bytes:
-    return cv2.imencode(".png", img)[1].tobytes()
-
-
-@dataclasses.dataclass
-class Download:
-    """What the fixture planted, so tests can check the outcome against it."""
-
-    kaggle_dir: Path
-    train: dict[str, bytes]  # archive-relative name -> bytes, valid images
-    bad: dict[str, str]  # manifest-like id -> expected reason fragment
-    stg1: dict[str, bytes]
-    stg2: dict[str, bytes]
-    evil_names: list[str]
-
-
-def _sample(ids: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame({"image": ids})
-    for c in SHUFFLED[1:]:
-        frame[c] = 0.125
-    return frame[SHUFFLED]
-
-
-def _write_zip(path: Path, files: dict[str, bytes], links: dict[str, str] | None = None) -> None:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(zipfile.ZipInfo(name), data)
-        for name, target in (links or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-
-
-def _write_7z(path: Path, scratch: Path, files: dict[str, bytes], links: dict[str, str]) -> None:
-    scratch.mkdir(parents=True, exist_ok=True)
-    with py7zr.SevenZipFile(path, "w") as sz:
-        for i, (name, data) in enumerate(files.items()):
-            (scratch / f"f{i}").write_bytes(data)
-            sz.write(scratch / f"f{i}", name)
-        for i, (name, target) in enumerate(links.items()):
-            os.symlink(target, scratch / f"l{i}")
-            sz.write(scratch / f"l{i}", name)
-
-
-def _write_folder(root: Path, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-
-
-def make_download(root: Path, form: str = "archives") -> Download:
-    """A Kaggle-style download in root/data/raw/kaggle: `archives` (as Kaggle ships it) or `folders`."""
-    kdir = root / "data/raw/kaggle"
-    kdir.mkdir(parents=True)
-    train: dict[str, bytes] = {}
-    n = 0
-    for k, cls in enumerate(FISH_CLASSES):
-        for j in range(2):
-            n += 1
-            boat, (w, h) = (k + j) % 3, ((160, 96) if (k + j) % 3 < 2 else (160, 120))
-            train[f"train/{cls}/img_{n:05d}.jpg"] = jpeg(boat_frame(boat, n, w, h, night=n % 5 == 0))
-    grey = cv2.cvtColor(boat_frame(0, 99, 160, 96), cv2.COLOR_BGR2GRAY)
-    train["train/DOL/img_00100.jpg"] = jpeg(grey)
-    rgba = cv2.cvtColor(boat_frame(1, 98, 160, 96), cv2.COLOR_BGR2BGRA)
-    rgba[..., 3] = 128
-    train["train/LAG/img_00101.png"] = png(rgba)
-    good = jpeg(boat_frame(2, 97, 160, 120))
-    bad_files = {
-        "train/ALB/img_00200.jpg": (b"", "empty file"),
-        "train/BET/img_00201.jpg": (good[: len(good) // 2], "truncated JPEG"),
-        "train/YFT/img_00202.jpg": (b"this is a text file, not a photo\n", "not an image"),
-        "train/OTHER/img_00203.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(3000) + b"\xff\xd9", "corrupt jpeg"),
-    }
-    stg1 = {
-        f"test_stg1/img_{300 + i:05d}.jpg": jpeg(boat_frame(i % 3, 300 + i, 160, 96 if i % 3 < 2 else 120))
-        for i in range(4)
-    }
-    stg1["test_stg1/img_00304.jpg"] = train["train/ALB/img_00001.jpg"]  # an exact duplicate of a train frame
-    stg2 = {f"test_stg2/image_{i:05d}.jpg": jpeg(boat_frame(3, 400 + i, 200, 120)) for i in range(1, 5)}
-    bad_stg2 = {"test_stg2/image_00005.jpg": (b"", "empty file")}
-    absolute = str(root.parent / f"abs_evil_{uuid.uuid4().hex}.jpg")
-    junk = {"__MACOSX/train/ALB/._img_00001.jpg": b"\x00\x05\x16\x07"}
-    all_train = {**train, **{k: v for k, (v, _) in bad_files.items()}}
-    all_stg2 = {**stg2, **{k: v for k, (v, _) in bad_stg2.items()}}
-    if form == "archives":
-        _write_zip(
-            kdir / "train.zip",
-            {**all_train, **junk, "../evil.jpg": b"evil", absolute: b"evil"},
-            links={"train/ALB/img_00900.jpg": "/etc/passwd"},
-        )
-        _write_zip(kdir / "test_stg1.zip", stg1)
-        _write_7z(
-            kdir / "test_stg2.7z",
-            root / "scratch",
-            {**all_stg2, "../evil7z.jpg": b"evil"},
-            links={"test_stg2/image_00900.jpg": "/etc/passwd"},
-        )
-    else:
-        _write_folder(kdir, {**all_train, **stg1, **all_stg2})
-    ids1 = [Path(k).name for k in stg1]
-    ids2 = ids1 + list(all_stg2)
-    s1, s2 = _sample(ids1), _sample(ids2)
-    if form == "archives":
-        with zipfile.ZipFile(kdir / "sample_submission_stg1.csv.zip", "w") as zf:
-            zf.writestr("sample_submission_stg1.csv", s1.to_csv(index=False))
-    else:
-        s1.to_csv(kdir / "sample_submission_stg1.csv", index=False)
-    s2.to_csv(kdir / "sample_submission_stg2.csv", index=False)
-    bad = {Path(k).name: r for k, (_, r) in bad_files.items()} | {k: r for k, (_, r) in bad_stg2.items()}
-    return Download(kdir, train, bad, stg1, stg2, ["evil.jpg", "evil7z.jpg", Path(absolute).name])
-
-
-def sections(source: str = "kaggle", workers: int = 2, **ingest_overrides):
-    raw = config.read_params(REPO / "params.yaml")
-    paths = config.load_section("paths", raw)
-    data = dataclasses.replace(config.load_section("data", raw), source=source)
-    ing = dataclasses.replace(config.load_section("ingest", raw), workers=workers, **ingest_overrides)
-    return paths, data, ing, SIZE
 
 
 def listing(folder: Path) -> dict[str, int]:
@@ -198,13 +60,14 @@ def listing(folder: Path) -> dict[str, int]:
 def test_kaggle_archives_end_to_end(tmp_path):
     dl = make_download(tmp_path)
     before = listing(dl.kaggle_dir)
-    paths, data, ing, size = sections()
-    report = ingest.run(paths, data, ing, size, root=tmp_path)
+    s = settings()
+    paths = s.paths
+    report = ingest.run(s, root=tmp_path)
 
     manifest = pd.read_csv(
         tmp_path / paths.manifest, dtype={"label": str, "true_boat": str}, keep_default_na=False
     )
-    assert list(manifest.columns) == ingest.MANIFEST_COLUMNS
+    assert tuple(manifest.columns) == MANIFEST_COLUMNS
     expected_train = {Path(k).name: k.split("/")[1] for k in dl.train}
     train = manifest[manifest.split == "train"]
     assert dict(zip(train.id, train.label, strict=True)) == expected_train  # every valid image, right class
@@ -263,12 +126,13 @@ def test_mixed_folders_plain_csv_and_a_user_solution(tmp_path):
     dl = make_download(tmp_path, form="folders")
     # Mix: stage 1 as Kaggle's zip beside the other pieces as folders.
     (dl.kaggle_dir / "test_stg1").rename(tmp_path / "stg1_folder")
-    _write_zip(dl.kaggle_dir / "test_stg1.zip", dl.stg1)
+    write_zip(dl.kaggle_dir / "test_stg1.zip", dl.stg1)
     pd.DataFrame({"image": ["img_00300.jpg"], "label": ["ALB"], "stage": [1]}).to_csv(
         dl.kaggle_dir / "solution.csv", index=False
     )
-    paths, data, ing, size = sections(workers=1)
-    report = ingest.run(paths, data, ing, size, root=tmp_path)
+    s = settings(workers=1)
+    paths = s.paths
+    report = ingest.run(s, root=tmp_path)
     assert report["counts"] == {"train": len(dl.train), "test_stg1": 5, "test_stg2": 4}
     assert report["inputs"]["train"] == "data/raw/kaggle/train"
     assert report["inputs"]["test_stg1"] == "data/raw/kaggle/test_stg1.zip"
@@ -283,11 +147,10 @@ def test_mixed_folders_plain_csv_and_a_user_solution(tmp_path):
 
 def test_parallel_and_serial_decoding_agree(tmp_path):
     make_download(tmp_path, form="folders")
-    paths, data, _, size = sections()
+    paths = settings().paths
     out = {}
     for workers in (1, 2):
-        _, _, ing, _ = sections(workers=workers)
-        ingest.run(paths, data, ing, size, root=tmp_path)
+        ingest.run(settings(workers=workers), root=tmp_path)
         out[workers] = (np.load(tmp_path / paths.images), pd.read_csv(tmp_path / paths.manifest))
     assert np.array_equal(out[1][0], out[2][0])
     pd.testing.assert_frame_equal(out[1][1], out[2][1])
@@ -305,7 +168,7 @@ def make_demo(root: Path) -> Path:
             name = f"image_{n:05d}.jpg" if split == "test_stg2" else f"img_{n:05d}.jpg"
             label = FISH_CLASSES[(boat * 10 + i) % 8]
             rel = f"train/{label}/{name}" if split == "train" else f"{split}/{name}"
-            _write_folder(demo, {rel: jpeg(boat_frame(boat, n, w, h, night=i % 4 == 0))})
+            write_folder(demo, {rel: jpeg(boat_frame(boat_layout(boat, w, h), n, night=i % 4 == 0))})
             image_id = f"test_stg2/{name}" if split == "test_stg2" else name
             boats.append({"image": image_id, "split": split, "boat": boat})
             if split != "train":
@@ -313,15 +176,16 @@ def make_demo(root: Path) -> Path:
     sol = pd.DataFrame(rows)
     sol.to_csv(demo / "solution.csv", index=False)
     pd.DataFrame(boats).to_csv(demo / "boats.csv", index=False)
-    _sample(sol.image[sol.stage == 1].tolist()).to_csv(demo / "sample_submission_stg1.csv", index=False)
-    _sample(sol.image.tolist()).to_csv(demo / "sample_submission_stg2.csv", index=False)
+    sample_submission(sol.image[sol.stage == 1].tolist()).to_csv(demo / "sample_submission_stg1.csv", index=False)
+    sample_submission(sol.image.tolist()).to_csv(demo / "sample_submission_stg2.csv", index=False)
     return demo
 
 
 def test_demo_source_reports_group_agreement(tmp_path):
     demo = make_demo(tmp_path)
-    paths, data, ing, size = sections(source="demo")
-    report = ingest.run(paths, data, ing, size, root=tmp_path)
+    s = settings(source="demo")
+    paths = s.paths
+    report = ingest.run(s, root=tmp_path)
     manifest = pd.read_csv(tmp_path / paths.manifest)
     assert len(manifest) == 40 and manifest.true_boat.notna().all()
     assert report["ari_vs_true_boats"] >= 0.8
@@ -335,8 +199,7 @@ def test_demo_source_reports_group_agreement(tmp_path):
 
 
 def _run(tmp_path, source="kaggle"):
-    paths, data, ing, size = sections(source=source, workers=1)
-    return ingest.run(paths, data, ing, size, root=tmp_path)
+    return ingest.run(settings(source=source, workers=1), root=tmp_path)
 
 
 def test_missing_archive_says_what_where_and_how(tmp_path):
@@ -360,7 +223,7 @@ def test_empty_kaggle_dir_and_missing_demo(tmp_path):
 
 def test_unknown_class_folder_stops_and_names_it(tmp_path):
     dl = make_download(tmp_path, form="folders")
-    _write_folder(dl.kaggle_dir, {"train/TUNA/img_09999.jpg": jpeg(boat_frame(0, 1, 160, 96))})
+    write_folder(dl.kaggle_dir, {"train/TUNA/img_09999.jpg": jpeg(boat_frame(boat_layout(0, 160, 96), 1))})
     with pytest.raises(IngestError, match=r"unknown class folder.*TUNA.*data/raw/kaggle/train"):
         _run(tmp_path)
 
@@ -406,9 +269,9 @@ def test_sample_submission_that_does_not_match_the_test_images_stops(tmp_path):
 
 def test_archive_cap_stops_the_run(tmp_path):
     make_download(tmp_path)
-    paths, data, ing, size = sections(workers=1, max_archive_entries=10)
+    s = settings(workers=1, max_archive_entries=10)
     with pytest.raises(Exception, match="max_archive_entries"):
-        ingest.run(paths, data, ing, size, root=tmp_path)
+        ingest.run(s, root=tmp_path)
     assert not (tmp_path / "data/interim/extracted/train").exists()
 
 
@@ -416,7 +279,7 @@ def test_archive_cap_stops_the_run(tmp_path):
 
 
 def test_decode_bytes_reasons_and_conversions():
-    img = boat_frame(0, 1, 160, 96)
+    img = boat_frame(boat_layout(0, 160, 96), 1)
     good = jpeg(img)
     assert decode_bytes(b"")[2] == "empty file (0 bytes)"
     assert "truncated JPEG" in decode_bytes(good[:-300])[2]
@@ -434,7 +297,7 @@ def test_decode_bytes_reasons_and_conversions():
 
 
 def test_large_jpegs_decode_at_reduced_scale_but_report_their_true_size():
-    big = cv2.resize(boat_frame(0, 1, 160, 96), (1280, 720))
+    big = cv2.resize(boat_frame(boat_layout(0, 160, 96), 1), (1280, 720))
     data = jpeg(big)
     assert jpeg_header(data) == (1280, 720, 3)
     assert jpeg_header(jpeg(cv2.cvtColor(big, cv2.COLOR_BGR2GRAY))) == (1280, 720, 1)
@@ -467,7 +330,7 @@ def test_fit_square_modes():
 
 def test_unreadable_file_is_quarantined_not_fatal(tmp_path):
     good = tmp_path / "a.jpg"
-    good.write_bytes(jpeg(boat_frame(0, 1, 160, 96)))
+    good.write_bytes(jpeg(boat_frame(boat_layout(0, 160, 96), 1)))
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "b.jpg")  # a dangling link: open() fails
     res = list(decode_all([good, tmp_path / "b.jpg"], SIZE, "pad", 8, workers=2))
     assert res[0].reason is None and res[0].image.shape == (SIZE, SIZE, 3)
@@ -484,10 +347,11 @@ def _project(tmp_path: Path, source: str) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def _module(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def _command(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline <name>`, as dvc.yaml and a user run it."""
     base = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "HOME": str(cwd)}
     return subprocess.run(
-        [sys.executable, "-m", name],
+        [sys.executable, "-m", "pipeline", name],
         cwd=cwd,
         env={**base, **(env or {})},
         capture_output=True,
@@ -499,11 +363,11 @@ def _module(name: str, cwd: Path, env: dict | None = None) -> subprocess.Complet
 def test_main_runs_the_stage_and_fails_cleanly(tmp_path):
     dl = make_download(tmp_path)
     _project(tmp_path, "kaggle")
-    ok = _module("pipeline.ingest", tmp_path)
+    ok = _command("ingest", tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "boat groups" in ok.stdout and "quarantined" in ok.stdout
     (dl.kaggle_dir / "train.zip").unlink()
-    bad = _module("pipeline.ingest", tmp_path)
+    bad = _command("ingest", tmp_path)
     assert (
         bad.returncode != 0 and "ingest: the Kaggle download" in bad.stderr and "Traceback" not in bad.stderr
     )
@@ -511,7 +375,7 @@ def test_main_runs_the_stage_and_fails_cleanly(tmp_path):
 
 def test_download_without_credentials_says_what_to_do(tmp_path):
     _project(tmp_path, "kaggle")
-    res = _module("pipeline.download", tmp_path)  # HOME is tmp_path: no ~/.kaggle, no KAGGLE_* variables
+    res = _command("download", tmp_path)  # HOME is tmp_path: no ~/.kaggle, no KAGGLE_* variables
     assert res.returncode != 0
     for needle in ("kaggle.json", "chmod 600", "Create New Token", "rules", "data/raw/kaggle"):
         assert needle in res.stderr, needle
@@ -519,9 +383,9 @@ def test_download_without_credentials_says_what_to_do(tmp_path):
 
 
 def test_find_credentials(tmp_path):
-    assert download.find_credentials({}, tmp_path) is None
-    assert download.find_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
+    assert find_credentials({}, tmp_path) is None
+    assert find_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
     (tmp_path / ".kaggle").mkdir()
     (tmp_path / ".kaggle/kaggle.json").write_text("{}")
-    assert download.find_credentials({}, tmp_path).endswith("kaggle.json")
-    assert download.find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "elsewhere")}, tmp_path) is None
+    assert find_credentials({}, tmp_path).endswith("kaggle.json")
+    assert find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "elsewhere")}, tmp_path) is None

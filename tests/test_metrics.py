@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from pipeline.metrics import EPS, accuracy, kaggle_log_loss, normalise_rows, prior_log_loss
+from pipeline.core.metrics import EPS, accuracy, kaggle_log_loss, normalise_rows, prior_log_loss
 
 K = 8
 LABELS = list(range(K))

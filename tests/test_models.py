@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import models
+from pipeline.core import backbones as models
+from pipeline.core.heads import build_head
 
 
 @pytest.mark.parametrize("name", sorted(models.BACKBONES))
@@ -43,7 +44,7 @@ def test_missing_imagenet_weights_name_the_file(monkeypatch, tmp_path):
 
 
 def test_head_outputs_probabilities_and_has_dropout_and_batchnorm():
-    head = models.build_head(16, 8, units=8, dropout_in=0.2, dropout_out=0.5)
+    head = build_head(16, 8, units=8, dropout_in=0.2, dropout_out=0.5)
     kinds = {type(layer).__name__ for layer in head.layers}
     assert {"BatchNormalization", "Dropout", "Dense"} <= kinds
     out = head.predict(np.random.default_rng(0).normal(size=(5, 16)), verbose=0)
@@ -52,7 +53,7 @@ def test_head_outputs_probabilities_and_has_dropout_and_batchnorm():
 
 def test_classifier_saves_and_reloads_with_its_preprocessing(tmp_path):
     extractor = models.build_extractor("vgg16", 32, weights="none")
-    clf = models.build_classifier(extractor, models.build_head(512, 8, 8, 0.1, 0.1))
+    clf = models.build_classifier(extractor, build_head(512, 8, 8, 0.1, 0.1))
     x = np.random.default_rng(1).integers(0, 255, (2, 32, 32, 3)).astype("float32")
     path = tmp_path / "clf.keras"
     clf.save(path)

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ensemble, score, submit
-from pipeline.config import FISH_CLASSES
-from pipeline.metrics import EPS
-from tests.test_ensemble import write_inputs
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.metrics import EPS
+from pipeline.stages import ensemble, score, submit
+from tests.factories import write_inputs
 
 K = len(FISH_CLASSES)
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_header_only_solution_writes_no_solution_file_and_exits_zero(tmp_path):
     Path(paths.metrics).write_text(json.dumps({"cv_logloss": {"ensemble": 0.7}, "method": "mean"}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.score"],
+        [sys.executable, "-m", "pipeline", "score"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -101,9 +101,9 @@ def test_header_only_solution_writes_no_solution_file_and_exits_zero(tmp_path):
 def test_stage_chain_ensemble_submit_score(tmp_path, monkeypatch, capsys):
     paths, truth = write_inputs(tmp_path, backbones=("vgg16", "resnet50"))
     monkeypatch.chdir(tmp_path)
-    ensemble.main()
-    submit.main()
-    score.main()
+    ensemble.main([])
+    submit.main([])
+    score.main([])
     out = capsys.readouterr().out
     assert "stage 1" in out and "stage 2" in out
 
@@ -127,9 +127,14 @@ def test_stage_chain_ensemble_submit_score(tmp_path, monkeypatch, capsys):
     # Both submissions were attached to the ensemble's MLflow run.
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.core import tracking
+    from pipeline.core.files import file_digest
+    from pipeline.core.params import Tracking, from_dict
+    from tests.factories import repo_params
 
-    run_id = json.loads(Path(paths.ensemble_report).read_text())["mlflow_run_id"]
+    tracking_cfg = from_dict(Tracking, repo_params()["tracking"], "tracking")
+    run_id = tracking.find_run(tracking_cfg, tracking.REPORT_TAG, file_digest(paths.ensemble_report))
+    assert run_id is not None
     client = mlflow.MlflowClient(tracking.tracking_uri())
     attached = {Path(a.path).name for a in client.list_artifacts(run_id, "submissions")}
     assert attached == {Path(paths.submission_stg1).name, Path(paths.submission_stg2).name}

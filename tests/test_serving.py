@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import serving, tracking
-from pipeline.config import FISH_CLASSES
-from pipeline.decode import decode_file, fit_square
-from pipeline.models import build_classifier, build_extractor, build_head
+from pipeline.core import ensembling as E
+from pipeline.core import serving, tracking
+from pipeline.core.backbones import build_classifier, build_extractor
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.decode import decode_file, fit_square
+from pipeline.core.heads import build_head
 
 SIZE, SEED, FOLDS = 32, 7, 2
 
@@ -59,19 +61,19 @@ def predictions(tmp_path_factory) -> Path:
     return root
 
 
-def report(method: str = "weighted", **row) -> dict:
-    """The slice of `paths.ensemble_report` that serving reads."""
+def report(method: str = "weighted") -> dict:
+    """The slice of `paths.ensemble_report` that serving reads: the fitted ensemble and the prior."""
     shares = np.linspace(1, 2, len(FISH_CLASSES))
     shares /= shares.sum()
-    row = {"model_temperatures": {"vgg16": 1.3}, "ensemble_temperature": 0.8, "clip": [0.01, 0.95], **row}
+    fitted = E.Fitted(method=method, model_temperatures=(1.3,), weights=(1.0,), stacker=None, stacking_c=None,
+                      temperature=0.8, clip=(0.01, 0.95))
     return {
         "method": method,
         "models": ["vgg16"],
-        "results": {method: row},
+        "fitted": E.fitted_to_json(fitted),
         "chosen": {"method": method, "oof_logloss": 1.1},
         "prior": {"train_shares": dict(zip(FISH_CLASSES, shares, strict=True)),
                   "target_shares": {c: 1 / len(FISH_CLASSES) for c in FISH_CLASSES}},
-        "mlflow_run_id": None,
     }
 
 
@@ -96,57 +98,33 @@ def by_hand(predictions: Path, imgs: list[np.ndarray], rep: dict, x: np.ndarray 
 # ------------------------------------------------------------------------------------------- the maths
 
 
-def test_combination_matches_the_ensemble_stage():
-    ens = pytest.importorskip("pipeline.ensemble")
-    if not hasattr(ens, "Fitted") or not hasattr(ens, "predict"):
-        pytest.skip("pipeline.ensemble has no Fitted/predict to compare with")
-    rng = np.random.default_rng(1)
-    stack = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 20))
-    train, target = rng.dirichlet(np.ones(len(FISH_CLASSES))), np.full(len(FISH_CLASSES), 1 / len(FISH_CLASSES))
-    for method, weights in (("weighted", (0.3, 0.7)), ("geometric", (0.5, 0.5)), ("best", (0.0, 1.0))):
-        fitted = ens.Fitted(
-            method=method, model_temperatures=(1.4, 0.8), weights=weights, stacker=None, stacking_c=None,
-            temperature=1.2, clip=(0.02, 0.9),
-        )
-        expected = ens.predict(fitted, stack, (train, target))
-        settings = {
-            "method": method, "ensemble_temperature": 1.2, "clip": [0.02, 0.9],
-            "backbones": [{"temperature": t, "weight": w} for t, w in zip((1.4, 0.8), weights, strict=True)],
-            "prior": {"train": train.tolist(), "target": target.tolist()},
-        }
-        np.testing.assert_allclose(serving.combine(list(stack), settings), expected, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("n_classes", [8, 5, 2])
-def test_a_stacked_ensemble_is_served_as_the_ensemble_stage_predicts(n_classes):
-    """The stacker's parameters travel in the report; a stacker that saw only some classes included."""
-    ens = pytest.importorskip("pipeline.ensemble")
+def test_the_served_combination_is_the_ensemble_stages_predict():
+    """One implementation: serving calls `ensembling.predict` on the Fitted the report carries."""
     rng = np.random.default_rng(2)
-    y = rng.integers(0, n_classes, 120)
+    y = rng.integers(0, len(FISH_CLASSES), 120)
     stack = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 120))
-    stack[:, np.arange(120), y] += 0.5  # informative, so the stacker learns something
-    stacker = ens.fit_stacker(stack, y, 0.3)
-    fitted = ens.Fitted(method="stacking", model_temperatures=(1.2, 0.9), weights=None, stacker=stacker,
-                        stacking_c=0.3, temperature=1.1, clip=(0.01, 0.95))
+    stack[:, np.arange(120), y] += 0.5
+    folds = np.arange(120) % 3
     fresh = rng.dirichlet(np.ones(len(FISH_CLASSES)), size=(2, 30))
-    expected = ens.predict(fitted, fresh)
-    row = {"model_temperatures": {"a": 1.2, "b": 0.9}, "ensemble_temperature": 1.1, "clip": [0.01, 0.95],
-           "stacker": json.loads(json.dumps(ens.stacker_parameters(stacker)))}  # as the JSON report holds it
-    settings = {"method": "stacking", "classes": list(FISH_CLASSES), "ensemble_temperature": 1.1,
-                "clip": [0.01, 0.95], "stacker": row["stacker"], "prior": None,
-                "backbones": [{"temperature": 1.2, "weight": 0.5}, {"temperature": 0.9, "weight": 0.5}]}
-    np.testing.assert_allclose(serving.combine(list(fresh), settings), expected, rtol=1e-7, atol=1e-10)
+    train, target = rng.dirichlet(np.ones(len(FISH_CLASSES))), np.full(len(FISH_CLASSES), 1 / len(FISH_CLASSES))
+    for method in E.METHODS:
+        fitted, _ = E.fit_ensemble(method, stack, y, folds, temperature=True, clip=True, stacking_c=(0.3,))
+        settings = {"fitted": json.loads(json.dumps(E.fitted_to_json(fitted))),  # as the JSON report holds it
+                    "prior": {"train": train.tolist(), "target": target.tolist()}}
+        np.testing.assert_allclose(serving.combine(list(fresh), settings), E.predict(fitted, fresh, (train, target)),
+                                   rtol=1e-12, atol=1e-15)
 
 
 def test_settings_read_the_report_and_the_train_outputs(predictions):
     settings = serving.ensemble_settings(predictions, report())
     (entry,) = settings["backbones"]
-    assert entry["backbone"] == "vgg16" and entry["seed"] == SEED and entry["weight"] == 1.0
-    assert entry["temperature"] == 1.3 and settings["ensemble_temperature"] == 0.8
+    assert entry["backbone"] == "vgg16" and entry["seed"] == SEED
+    assert settings["fitted"]["model_temperatures"] == [1.3] and settings["fitted"]["temperature"] == 0.8
     assert [Path(h).name for h in entry["head_paths"]] == ["head_fold0.keras", "head_fold1.keras"]
     assert settings["prior"]["target"] == [pytest.approx(1 / 8)] * 8
-    with pytest.raises(serving.ServingError, match="no 'stacker'"):  # a report from before stacking was servable
-        serving.ensemble_settings(predictions, report("stacking"))
+    old = {k: v for k, v in report().items() if k != "fitted"}  # a report from before serving called predict
+    with pytest.raises(serving.ServingError, match="no 'fitted' entry.*run the ensemble stage again"):
+        serving.ensemble_settings(predictions, old)
     with pytest.raises(serving.ServingError, match="extractor.json"):
         serving.ensemble_settings(predictions, {**report(), "models": ["resnet50"]})
 
@@ -250,10 +228,11 @@ def test_extractor_can_be_shipped_as_a_file(predictions, tmp_path):
 
 def test_an_unpackageable_ensemble_is_skipped_with_a_message_not_a_failure(predictions, capsys):
     with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}") as run:
-        assert serving.log_ensemble_model(predictions, report("stacking")) is None
+        old = {k: v for k, v in report().items() if k != "fitted"}
+        assert serving.log_ensemble_model(predictions, old) is None
         tracking.log_metrics({"still": 1.0})
     err = capsys.readouterr().err
-    assert "ensemble model is not logged" in err and "stacking" in err
+    assert "ensemble model is not logged" in err and "fitted" in err
     assert tracking.disabled_reason() is None
     assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["still"] == 1.0
     assert serving.log_ensemble_model(predictions, report()) is None  # no open run: nothing to attach it to
@@ -269,19 +248,19 @@ def test_served_model_reproduces_the_pipelines_own_test_predictions(tmp_path):
     then the ensemble's calibration": what the served model computes from raw pixels. This is the check that
     the train stage and serving rebuild the same random-weight extractor from `extractor.json`.
     """
-    from pipeline import augment, config, ensemble, train
+    from pipeline.core.params import load
+    from pipeline.stages import augment, ensemble, train
     from tests.factories import synthetic_images, tiny_params
 
     raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2})
     manifest = synthetic_images(tmp_path, raw, n_train=48, n_test=6)
     pixels = np.load(raw["paths"]["images"])
-    views = augment.make_views(pixels, (manifest.split == "train").to_numpy(),
-                               config.load_section("augment", raw), seed=raw["seed"])
+    settings = load(train.Settings, tmp_path / "params.yaml")
+    views = augment.make_views(pixels, (manifest.split == "train").to_numpy(), settings.augment, seed=settings.seed)
     np.save(raw["paths"]["views"], views)
-    settings = train.load_settings(tmp_path / "params.yaml")
     train.run("vgg16", settings)
-    paths = config.load_section("paths", raw)
-    report = ensemble.run(paths, ("vgg16",), config.load_section("ensemble", raw))
+    paths = settings.paths
+    report = ensemble.run(load(ensemble.Settings, tmp_path / "params.yaml"))
 
     with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}"):
         logged = serving.log_ensemble_model(paths.predictions, report, resize=raw["ingest"]["resize"])

@@ -9,9 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import submit, upload, validate
-from pipeline.config import FISH_CLASSES
-from tests.test_ensemble import write_inputs
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.submission import (
+    InvalidSubmission,
+    build_submission,
+    read_submission,
+    validate,
+    write_submission,
+)
+from pipeline.stages import submit
+from pipeline.tools import upload
+from pipeline.tools import validate as validate_tool
+from pipeline.tools.kaggle_auth import find_credentials
+from tests.factories import write_inputs
 
 K = len(FISH_CLASSES)
 HEADER = ["image", *FISH_CLASSES]
@@ -32,14 +42,14 @@ def _as_text(frame: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
     """Round-trip through a CSV file, as the CLI reads it."""
     path = tmp_path / "sub.csv"
     frame.to_csv(path, index=False)
-    return validate.read_submission(path)
+    return read_submission(path)
 
 
 def test_a_valid_submission_passes(tmp_path):
     sample, good = sample_frames()
-    assert validate.validate(_as_text(good, tmp_path), sample) == []
+    assert validate(_as_text(good, tmp_path), sample) == []
     # Row order is free on Kaggle.
-    assert validate.validate(_as_text(good.iloc[::-1], tmp_path), sample) == []
+    assert validate(_as_text(good.iloc[::-1], tmp_path), sample) == []
 
 
 def _defect(name):
@@ -91,7 +101,7 @@ DEFECTS = {
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_each_planted_defect_is_named_first(defect, tmp_path, capsys):
     df, sample = _defect(defect)
-    problems = validate.validate(_as_text(df, tmp_path), sample)
+    problems = validate(_as_text(df, tmp_path), sample)
     assert problems, defect
     assert DEFECTS[defect] in problems[0], problems
     # Each defect has its own message: no other defect's message leads.
@@ -101,13 +111,13 @@ def test_each_planted_defect_is_named_first(defect, tmp_path, capsys):
     # The CLI: non-zero exit, the first problem on stderr.
     sample_path = tmp_path / "sample.csv"
     sample.to_csv(sample_path, index=False)
-    assert validate.main([str(tmp_path / "sub.csv"), "--sample", str(sample_path)]) == 1
+    assert validate_tool.main([str(tmp_path / "sub.csv"), "--sample", str(sample_path)]) == 1
     assert DEFECTS[defect] in capsys.readouterr().err
 
 
 def test_a_prefix_defect_is_not_also_reported_as_missing_and_extra(tmp_path):
     df, sample = _defect("stage-2 prefix")
-    problems = validate.validate(_as_text(df, tmp_path), sample)
+    problems = validate(_as_text(df, tmp_path), sample)
     assert len(problems) == 1
 
 
@@ -116,8 +126,8 @@ def test_unnormalised_rows_can_be_downgraded_to_a_warning(tmp_path, capsys):
     df.to_csv(tmp_path / "sub.csv", index=False)
     sample.to_csv(tmp_path / "sample.csv", index=False)
     args = [str(tmp_path / "sub.csv"), "--sample", str(tmp_path / "sample.csv")]
-    assert validate.main(args) == 1
-    assert validate.main([*args, "--allow-unnormalised"]) == 0
+    assert validate_tool.main(args) == 1
+    assert validate_tool.main([*args, "--allow-unnormalised"]) == 0
     assert "WARNING" in capsys.readouterr().err
 
 
@@ -125,9 +135,9 @@ def test_cli_accepts_a_valid_file_and_reports_a_missing_one(tmp_path, capsys):
     sample, good = sample_frames()
     good.to_csv(tmp_path / "sub.csv", index=False)
     sample.to_csv(tmp_path / "sample.csv", index=False)
-    assert validate.main([str(tmp_path / "sub.csv"), "--sample", str(tmp_path / "sample.csv")]) == 0
+    assert validate_tool.main([str(tmp_path / "sub.csv"), "--sample", str(tmp_path / "sample.csv")]) == 0
     assert "OK" in capsys.readouterr().out
-    assert validate.main([str(tmp_path / "nope.csv"), "--sample", str(tmp_path / "sample.csv")]) == 2
+    assert validate_tool.main([str(tmp_path / "nope.csv"), "--sample", str(tmp_path / "sample.csv")]) == 2
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -135,10 +145,10 @@ def test_cli_accepts_a_valid_file_and_reports_a_missing_one(tmp_path, capsys):
 
 def test_writer_makes_both_files_valid_in_the_samples_order(tmp_path):
     paths, _ = write_inputs(tmp_path)
-    from pipeline import ensemble
-    from tests.test_ensemble import MODELS, _cfg
+    from pipeline.core.params import load
+    from pipeline.stages import ensemble
 
-    ensemble.run(paths, tuple(MODELS), _cfg())
+    ensemble.run(load(ensemble.Settings, tmp_path / "params.yaml"))
     written = submit.write_submissions(paths)
     assert [str(p) for p in written] == [paths.submission_stg1, paths.submission_stg2]
     for sub_path, sample_path in (
@@ -147,8 +157,8 @@ def test_writer_makes_both_files_valid_in_the_samples_order(tmp_path):
     ):
         text = Path(sub_path).read_text()
         assert text.splitlines()[0] == ",".join(HEADER)
-        sub, sample = validate.read_submission(sub_path), validate.read_submission(sample_path)
-        assert validate.validate(sub, sample) == []
+        sub, sample = read_submission(sub_path), read_submission(sample_path)
+        assert validate(sub, sample) == []
         assert list(sub["image"]) == list(sample["image"])  # the sample's rows, in its order
         values = sub[list(FISH_CLASSES)].astype(float).to_numpy()
         assert np.all(np.isfinite(values)) and values.min() >= 0 and values.max() <= 1
@@ -164,7 +174,7 @@ def test_writer_refuses_predictions_missing_a_sample_row():
     sample, good = sample_frames()
     predictions = good.iloc[:3].set_index("image")
     with pytest.raises(ValueError, match="have no prediction, e.g. 'test_stg2/image_00002.jpg'"):
-        submit.build_submission(predictions, sample)
+        build_submission(predictions, sample)
 
 
 def test_an_invalid_submission_is_never_written(tmp_path):
@@ -172,8 +182,8 @@ def test_an_invalid_submission_is_never_written(tmp_path):
     bad = good.copy()
     bad.loc[0, "ALB"] = np.nan
     target = tmp_path / "out" / "submission.csv"
-    with pytest.raises(submit.InvalidSubmission, match="NaN"):
-        submit.write_submission(bad, sample, target)
+    with pytest.raises(InvalidSubmission, match="NaN"):
+        write_submission(bad, sample, target)
     assert not target.exists() and os.listdir(target.parent) == []
 
 
@@ -188,18 +198,18 @@ def test_a_failure_mid_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        submit.write_submission(submit.build_submission(good.set_index("image"), sample), sample, target)
+        write_submission(build_submission(good.set_index("image"), sample), sample, target)
     assert os.listdir(tmp_path) == []  # neither the target nor the temporary file
 
 
 def test_a_failed_rewrite_keeps_the_previous_file(tmp_path, monkeypatch):
     sample, good = sample_frames()
     target = tmp_path / "submission.csv"
-    submit.write_submission(submit.build_submission(good.set_index("image"), sample), sample, target)
+    write_submission(build_submission(good.set_index("image"), sample), sample, target)
     before = target.read_bytes()
     monkeypatch.setattr(pd.DataFrame, "to_csv", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError):
-        submit.write_submission(submit.build_submission(good.set_index("image"), sample), sample, target)
+        write_submission(build_submission(good.set_index("image"), sample), sample, target)
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["submission.csv"]
 
 
@@ -237,16 +247,15 @@ def test_upload_validates_before_anything_else(tmp_path, capsys):
 
 
 def test_credentials_are_found_where_the_kaggle_client_looks(tmp_path):
-    assert upload.find_credentials({}, tmp_path) is None
-    assert upload.find_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
-    assert upload.find_credentials({"KAGGLE_API_TOKEN": "t"}, tmp_path)
+    assert find_credentials({}, tmp_path) is None
+    assert find_credentials({"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, tmp_path)
+    assert find_credentials({"KAGGLE_API_TOKEN": "t"}, tmp_path)
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "kaggle.json").write_text("{}")
-    assert upload.find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, tmp_path)
+    assert find_credentials({"KAGGLE_CONFIG_DIR": str(tmp_path / "cfg")}, tmp_path)
 
 
 def test_quarantined_test_images_get_the_class_prior_and_others_still_fail():
-    from pipeline.submit import build_submission
 
     classes = list(FISH_CLASSES)
     sample = pd.DataFrame({"image": ["a.jpg", "bad.jpg"], **{c: 0.125 for c in classes}})

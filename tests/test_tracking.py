@@ -17,7 +17,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import config, tracking
+from pipeline.core import params as config
+from pipeline.core import tracking
 
 REPO = Path(__file__).resolve().parent.parent
 

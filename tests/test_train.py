@@ -12,19 +12,20 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline import augment, config, train
-from pipeline.config import FISH_CLASSES
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.core.params import load
+from pipeline.stages import augment, train
 from tests.factories import ROOT, synthetic_images, tiny_params
 
 
 def _prepare(root, **overrides):
     raw = tiny_params(root, **overrides)
     manifest = synthetic_images(root, raw)
-    aug = config.load_section("augment", raw)
-    images = np.load(raw["paths"]["images"])
-    views = augment.make_views(images, (manifest.split == "train").to_numpy(), aug, seed=raw["seed"])
-    np.save(raw["paths"]["views"], views)
-    return train.load_settings(root / "params.yaml"), manifest
+    s = load(train.Settings, root / "params.yaml")
+    images = np.load(s.paths.images)
+    views = augment.make_views(images, (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
+    np.save(s.paths.views, views)
+    return s, manifest
 
 
 def test_train_stage_writes_oof_and_test_predictions(tmp_path):
@@ -87,7 +88,8 @@ def test_embeddings_are_cached_and_reused(tmp_path, monkeypatch):
 def test_every_model_of_the_stage_trains_under_a_multi_device_strategy(tmp_path):
     """Two virtual CPUs stand in for two GPUs: the strategy configure_devices picks must carry the stage.
 
-    Runs in a fresh interpreter, because devices can only be split before TensorFlow starts.
+    Runs in a fresh interpreter, because devices can only be split before TensorFlow starts; nothing is
+    patched: configure_devices sees the two devices itself.
     """
     _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 1})
     script = textwrap.dedent("""
@@ -95,9 +97,9 @@ def test_every_model_of_the_stage_trains_under_a_multi_device_strategy(tmp_path)
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from pipeline import train
-        train.configure_devices = lambda policy: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        report = train.run("vgg16", train.load_settings(sys.argv[1]))
+        from pipeline.core.params import load
+        from pipeline.stages import train
+        report = train.run("vgg16", load(train.Settings, sys.argv[1]))
         print("DEVICES", json.dumps(report["devices"]), report["cv_logloss"])
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

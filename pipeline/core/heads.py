@@ -1,0 +1,124 @@
+"""The classification head and its training loop, shared by the fisheries train stage and the course cases.
+
+The head is pooled features → batch norm → dropout → dense → batch norm → ReLU → dropout → float32 softmax.
+`fit_head` trains it on cached embeddings with early stopping on the competition's own metric, computed by
+`ValidationLogLoss` from `predict` (Keras' evaluation step fails under several replicas on an uneven last
+batch). Nothing here reads params.yaml or touches the file system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from pipeline.core.devices import rows_for_replicas
+from pipeline.core.metrics import accuracy, kaggle_log_loss
+from pipeline.core.params import Head, HeadTraining, Train
+
+
+def build_head(n_features: int, n_classes: int, units: int, dropout_in: float, dropout_out: float) -> keras.Model:
+    """Pooled features → batch norm → dropout → dense → batch norm → dropout → softmax."""
+    inputs = keras.Input((n_features,), name="features")
+    x = layers.BatchNormalization(name="head_bn_in")(inputs)
+    x = layers.Dropout(dropout_in, name="head_dropout_in")(x)
+    x = layers.Dense(units, use_bias=False, name="head_dense")(x)
+    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.Activation("relu", name="head_relu")(x)
+    x = layers.Dropout(dropout_out, name="head_dropout_out")(x)
+    # float32 softmax even under mixed precision: float16 probabilities underflow the log loss.
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def balanced_class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Weights inversely proportional to class frequency (sklearn's 'balanced'), absent classes weight 1."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return {k: float(w) for k, w in enumerate(weights)}
+
+
+def as_class_columns(proba: np.ndarray) -> np.ndarray:
+    """Probabilities with one column per class; a sigmoid's single column becomes (1 - p, p)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    return np.hstack([1.0 - proba, proba]) if proba.shape[1] == 1 else proba
+
+
+class ValidationLogLoss(keras.callbacks.Callback):
+    """Write `val_loss` (the competition's log loss) and `val_accuracy` into every epoch's logs.
+
+    The validation rows are scored with `predict`, not through `fit(validation_data=...)`: Keras' evaluation
+    step fails under `MirroredStrategy` whenever the last validation batch does not split evenly over the
+    replicas (Keras 3.15 on TensorFlow 2.21: "Inputs to operation AddN ... must have the same size and
+    shape"), while `predict` handles it. Put it first among the callbacks, so early stopping and loggers
+    see the numbers it adds.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+        super().__init__()
+        self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        proba = as_class_columns(self.model.predict(self.x, batch_size=self.batch_size, verbose=0))
+        if logs is not None:
+            logs["val_loss"] = kaggle_log_loss(self.y, proba)
+            logs["val_accuracy"] = accuracy(self.y, proba)
+
+
+def fit_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    n_classes: int,
+    head_cfg: Head,
+    train_cfg: Train | HeadTraining,
+    seed: int,
+    class_weight: dict[int, float] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    strategy: tf.distribute.Strategy | None = None,
+    verbose: int = 0,
+    fixed_epochs: int | None = None,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train the dropout + batch-norm head on features; early stopping on validation log loss.
+
+    The best epoch's weights are restored, so the returned head is the one whose validation log loss was
+    lowest. With `fixed_epochs` it trains exactly that many epochs and never looks at `x_val`/`y_val` (which
+    may be None): for scoring without selection bias.
+    """
+    keras.utils.set_random_seed(seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    keep = rows_for_replicas(len(x_train), train_cfg.batch_size, strategy.num_replicas_in_sync, seed)
+    if len(keep) < len(x_train):
+        x_train, y_train = x_train[keep], y_train[keep]
+    with strategy.scope():
+        head = build_head(x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)
+        head.compile(
+            optimizer=keras.optimizers.Adam(train_cfg.learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+            metrics=["accuracy"],
+        )
+    selection = []
+    if fixed_epochs is None:
+        selection = [
+            ValidationLogLoss(x_val, y_val, 1024),
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=train_cfg.patience, restore_best_weights=True, mode="min"
+            ),
+        ]
+    history = head.fit(
+        x_train,
+        keras.utils.to_categorical(y_train, n_classes),
+        epochs=fixed_epochs or train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        class_weight=class_weight,
+        shuffle=True,
+        callbacks=[*selection, *callbacks],
+        verbose=verbose,
+    )
+    return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+

@@ -1,0 +1,1 @@
+"""Commands a user runs by hand, never part of the DVC graph: download, upload, validate, the MLflow UI."""

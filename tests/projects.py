@@ -1,0 +1,66 @@
+"""A throw-away copy of the project, as a user's clone is, for tests that run DVC, make or README commands.
+
+It holds what a clone holds (the package, `bin/`, dvc.yaml, the Makefile, pyproject.toml, `.dvc/plots`) with a
+tiny params.yaml, and links `.venv` to this checkout's, so the copy's commands use the installed interpreter
+exactly as `make repro` would, without installing anything again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.factories import ROOT, tiny_params
+
+#: What a tiny demo project trains on: a few dozen frames at 32 px, three folds, two backbones.
+TINY_DEMO = {
+    "demo.n_train": 72,
+    "demo.n_test_stg1": 16,
+    "demo.n_test_stg2": 24,
+    "demo.width": 192,
+    "model.backbones": ["vgg16", "resnet50"],
+}
+#: The course cases at a few seconds each.
+TINY_CASES = {
+    "mnist.epochs": 1,
+    "mnist.test_fraction": 0.5,
+    "mnist.mlp": {"units": [16], "dropout": [0.1]},
+    "mnist.cnn.filters": [4, 4],
+    "mnist.cnn.dense_units": [8],
+    "imdb.demo_reviews": 300,
+    "imdb.epochs": 1,
+    "imdb.rnn_units": 8,
+    "catsdogs.demo_images": 60,
+    "catsdogs.image_size": 32,
+    "catsdogs.train.epochs": 2,
+}
+
+
+def fresh_env(home: Path) -> dict[str, str]:
+    """What a new shell has: the system PATH and a home; no virtual environment, no MLflow or DVC variable."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> str:
+    """Run a command (a list, or one shell line) and return its output; fail the test with its tail."""
+    shell = isinstance(cmd, str)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, shell=shell, capture_output=True, text=True, timeout=timeout,
+                          executable="/bin/bash" if shell else None)
+    shown = cmd if shell else " ".join(cmd)
+    assert proc.returncode == 0, f"{shown} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def make_project(work: Path, **overrides) -> Path:
+    """The copy in `work`, with a tiny params.yaml (the demo at a few dozen frames) and `dvc init` done."""
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "bin", work / "bin")
+    for name in ("dvc.yaml", "Makefile", "pyproject.toml", "README.md", ".dvcignore"):
+        shutil.copy2(ROOT / name, work / name)  # copy2: the Makefile compares pyproject.toml's mtime with .venv's
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    tiny_params(work, relative=True, **{**TINY_DEMO, **overrides})
+    run([str(work / ".venv" / "bin" / "dvc"), "init", "--no-scm", "-q"], work)
+    shutil.copytree(ROOT / ".dvc" / "plots", work / ".dvc" / "plots", dirs_exist_ok=True)
+    return work
