@@ -23,3 +23,19 @@ def _isolated_environment(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory):
+    """A clone of the project with a tiny demo, built as a user builds it: `make repro` in a fresh shell.
+
+    Shared by the end-to-end tests (the smoke and determinism checks, then the README's commands), so the
+    whole graph runs once per session. Returns the folder and the output of `make repro`.
+    """
+    from tests.projects import TINY_CASES, fresh_env, make_project, run
+
+    work = make_project(tmp_path_factory.mktemp("clone") / "fishpipe", git=True, **TINY_CASES)
+    log = run(["make", "repro"], work, fresh_env(work), timeout=1800)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-q", "-m", "make repro on the tiny demo"], work)
+    return work, log

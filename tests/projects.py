@@ -7,6 +7,7 @@ exactly as `make repro` would, without installing anything again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,15 +53,33 @@ def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, time
     return proc.stdout + proc.stderr
 
 
-def make_project(work: Path, **overrides) -> Path:
-    """The copy in `work`, with a tiny params.yaml (the demo at a few dozen frames) and `dvc init` done."""
+def make_project(work: Path, git: bool = False, **overrides) -> Path:
+    """The copy in `work`, with a tiny params.yaml (the demo at a few dozen frames) and `dvc init` done.
+
+    With `git`, the copy is a git repository with one commit, as a clone is (DVC experiments need it).
+    """
     work.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "bin", work / "bin")
-    for name in ("dvc.yaml", "Makefile", "pyproject.toml", "README.md", ".dvcignore"):
-        shutil.copy2(ROOT / name, work / name)  # copy2: the Makefile compares pyproject.toml's mtime with .venv's
+    for name in ("dvc.yaml", "Makefile", "pyproject.toml", "README.md", ".dvcignore", ".gitignore"):
+        shutil.copy2(ROOT / name, work / name)
     (work / ".venv").symlink_to(ROOT / ".venv")
+    stamp = ROOT / ".venv" / ".installed"
+    if stamp.exists():
+        # The Makefile reinstalls the project into .venv when pyproject.toml is newer than its stamp: in a copy
+        # that would point the shared venv's editable install at the copy. The copy's file is the same file.
+        os.utime(work / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
     tiny_params(work, relative=True, **{**TINY_DEMO, **overrides})
-    run([str(work / ".venv" / "bin" / "dvc"), "init", "--no-scm", "-q"], work)
+    dvc = str(work / ".venv" / "bin" / "dvc")
+    if git:
+        run(["git", "init", "-q"], work)
+        for key, value in (("user.name", "fishpipe tests"), ("user.email", "tests@fishpipe.invalid")):
+            run(["git", "config", key, value], work)  # a user's clone has their identity configured
+        run([dvc, "init", "-q"], work)
+    else:
+        run([dvc, "init", "--no-scm", "-q"], work)
     shutil.copytree(ROOT / ".dvc" / "plots", work / ".dvc" / "plots", dirs_exist_ok=True)
+    if git:
+        run(["git", "add", "-A"], work)
+        run(["git", "commit", "-q", "-m", "baseline"], work)
     return work

@@ -1,13 +1,17 @@
-"""The whole fisheries graph through DVC on a tiny demo, in a temporary copy of the project.
+"""The whole graph through DVC on a tiny demo, in a clone of the project: what a competitor does after cloning.
 
-This is what a competitor does after cloning: `dvc repro`, here as `.venv/bin/dvc repro` from a fresh shell
-(no activated venv). It checks the wiring a unit test cannot: every stage's command, deps and outs in dvc.yaml,
-the params each reads, and that a second run has nothing to do.
+`make repro` from a fresh shell (no activated venv) builds the shared `demo_project` (conftest.py); a Kaggle-style
+download goes through `.venv/bin/dvc repro`. They check the wiring a unit test cannot: every stage's command,
+deps and outs in dvc.yaml, the params each reads, a log free of TensorFlow's native noise, a second run with
+nothing to do, and DVC outputs that are the same bytes when a stage runs again.
 """
+
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.core.competition import FISH_CLASSES, STAGE2_PREFIX, SUBMISSION_HEADER
 from pipeline.core.files import read_json
@@ -22,10 +26,8 @@ def repro(work, *targets):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    work = make_project(tmp_path_factory.mktemp("project"))
-    repro(work, "score")
-    return work
+def project(demo_project):
+    return demo_project[0]
 
 
 def test_kaggle_download_with_bad_files_goes_on_to_valid_submissions(tmp_path):
@@ -74,3 +76,32 @@ def test_metrics_and_leaderboard_say_what_the_run_scored(project):
 def test_second_repro_has_nothing_to_do(project):
     out = run([".venv/bin/dvc", "status", "score"], project, fresh_env(project))
     assert "up to date" in out, out
+
+
+def test_the_log_shows_progress_and_summaries_not_native_noise(demo_project):
+    _, log = demo_project
+    assert "decode:" in log and "fold 0: val log loss" in log and "train vgg16: CV" in log  # bars and summaries
+    native = re.findall(r"^.*(?:[IWE]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\]|NodeDef mentions|absl::InitializeLog).*$",
+                        log, flags=re.M)
+    assert not native, f"{len(native)} native TensorFlow log lines, e.g. {native[:3]}"
+
+
+def _output_digests(project) -> dict[str, str]:
+    """Every DVC output's digest, as dvc.lock records it: `stage:path -> md5`."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {f"{name}:{out['path']}": out["md5"] for name, stage in lock.items() for out in stage.get("outs", [])}
+
+
+#: Outputs that may differ between two runs of the same inputs, and why: none.
+NOT_DETERMINISTIC: dict[str, str] = {}
+
+
+def test_a_stage_run_again_writes_the_same_bytes(project):
+    """Two runs of the same commit on the same machine give byte-identical DVC outputs: each stage is forced to
+    run again, alone, and every output's digest must be unchanged (training on a CPU is deterministic too)."""
+    before = _output_digests(project)
+    for stage in ("demo", "ingest", "augment", "train@vgg16", "ensemble", "submit", "score", "mnist"):
+        run([".venv/bin/dvc", "repro", "--force", "--single-item", stage], project, fresh_env(project))
+    after = _output_digests(project)
+    changed = sorted(k for k in before if after.get(k) != before[k] and k not in NOT_DETERMINISTIC)
+    assert not changed, f"outputs that changed on a second run of the same inputs: {changed}"

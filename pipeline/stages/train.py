@@ -565,8 +565,24 @@ def main(argv: list[str] | None = None) -> None:
     settings = load(Settings, args.params)
     if args.backbone not in settings.model.backbones:
         raise SystemExit(f"--backbone {args.backbone} is not in model.backbones {list(settings.model.backbones)}")
-    report = run(args.backbone, settings)
-    print(json.dumps({k: v for k, v in report.items() if k != "folds"}, indent=2, default=float))
+    print(summary_line(run(args.backbone, settings)))
+
+
+def summary_line(report: dict) -> str:
+    """What a user reads at the end of the stage; the whole report is in paths.train_reports/<backbone>.json."""
+    parts = [f"train {report['backbone']}: CV {report['cv_logloss']:.4f}"]
+    if "cv_logloss_unpeeked" in report:
+        parts.append(f"(unpeeked {report['cv_logloss_unpeeked']:.4f})")
+    parts.append(f"accuracy {report['cv_accuracy']:.3f}, prior {report['prior_logloss']:.4f}")
+    for stage in (1, 2):
+        if f"stg{stage}_logloss" in report:
+            parts.append(f"| stage {stage} {report[f'stg{stage}_logloss']:.4f}")
+    gaps = {k: v["gap_stg2_minus_cv"] for k, v in report.get("leak_check", {}).items() if "gap_stg2_minus_cv" in v}
+    if gaps:
+        parts.append("| stage-2 gap " + ", ".join(f"{k} folds {v:+.3f}" for k, v in gaps.items()))
+    d = report["devices"]
+    parts.append(f"| {d['strategy']} x{d['replicas']}, {d['precision_policy']}")
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

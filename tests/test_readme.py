@@ -1,0 +1,132 @@
+"""Every command the README shows works as shown, pasted into a fresh shell in a clone of the project.
+
+"Shows" means the fenced `bash` and `python` blocks, and the inline `make ...` / `.venv/bin/...` commands of
+the prose. Each is either run here, in the order the README gives, in the shared tiny clone (`demo_project`,
+built by `make repro` in a fresh shell), or listed in `ELSEWHERE` with the test that runs it or the reason it
+cannot run here. A command added to the README that is in neither fails `test_every_command_is_exercised`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.factories import ROOT
+from tests.projects import fresh_env, run
+
+README = ROOT / "README.md"
+
+#: Commands run by other tests, or not runnable here, and where or why.
+ELSEWHERE: dict[str, str] = {
+    "make repro": "conftest.py::demo_project runs it in a fresh shell; the smoke tests check what it wrote",
+    "make test": "CI runs it on a clean clone (.ci/run); a test cannot run the suite it belongs to",
+    "make test-fast": "the same suite without the slow tests; CI runs the whole of it",
+    "make download": "test_ingest.py::test_download_without_credentials_says_what_to_do runs the same program "
+    "(it needs a Kaggle account to do more)",
+    "make bench": "minutes of timing on an idle machine; bench/ is run by hand, its figures are in the README",
+    ".venv/bin/pip install -e '.[gpu]'": "installs gigabytes of CUDA wheels, for machines with a GPU",
+}
+#: Commands that start a server: run, asked for /health on their port, then stopped with Ctrl-C.
+SERVERS: dict[str, int] = {
+    "make ui": 5000,
+    ".venv/bin/python -m pipeline ui --port 5050": 5050,
+}
+
+
+def fenced(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+
+
+def bash_commands() -> list[str]:
+    """The README's shell commands in order: every line of its bash blocks, comments dropped."""
+    out = []
+    for block in fenced("bash"):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command and not command.startswith("#"):
+                out.append(command)
+    return out
+
+
+def inline_commands() -> list[str]:
+    return re.findall(r"`((?:make [a-z][\w-]*|\.venv/bin/[^`]+))`", README.read_text())
+
+
+def test_every_command_is_exercised():
+    shown = set(bash_commands()) | set(inline_commands())
+    unexercised = sorted(shown - set(ELSEWHERE) - set(SERVERS) - set(_run_here()))
+    assert not unexercised, f"README commands no test runs: {unexercised}"
+    stale = sorted((set(ELSEWHERE) | set(SERVERS)) - shown)
+    assert not stale, f"listed here but no longer in the README: {stale}"
+
+
+def _run_here() -> list[str]:
+    return [c for c in bash_commands() if c not in ELSEWHERE and c not in SERVERS]
+
+
+@pytest.mark.slow
+def test_the_readmes_commands_work_in_a_fresh_shell(demo_project):
+    """Run in order, each in a new shell with no venv activated: the experiments, their table, their plots."""
+    work, _ = demo_project
+    env = fresh_env(work)
+    outputs = {command: run(command, work, env, timeout=1500) for command in _run_here()}
+    shown = next(out for cmd, out in outputs.items() if cmd.startswith(".venv/bin/dvc exp show"))
+    for name in ("vgg-only", "resnet-128", "random-folds"):
+        assert name in shown, f"experiment {name} missing from dvc exp show:\n{shown}"
+    assert (work / "dvc_plots" / "index.html").is_file()
+    params = (work / "params.yaml").read_text()
+    assert "image_size: 128" in params  # `dvc exp apply resnet-128` brought its params back
+    # Each queued experiment ran from the baseline plus its own -S only: random-folds kept 32 px images.
+    import mlflow
+
+    from pipeline.core import tracking
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(root=work))
+    runs = client.search_runs([client.get_experiment_by_name("fisheries").experiment_id], max_results=500)
+    names = {r.data.tags.get("dvc_exp_name") for r in runs}
+    assert {"vgg-only", "resnet-128", "random-folds"} <= names  # every experiment's runs land in the store
+    leaky = [r for r in runs if r.data.tags.get("dvc_exp_name") == "random-folds" and r.data.params.get("cv.group_by")]
+    assert leaky and all(r.data.params["cv.group_by"] == "none" and r.data.params["model.image_size"] == "32"
+                         for r in leaky)
+
+
+@pytest.mark.slow
+def test_the_readmes_python_example_loads_the_champion_and_predicts(demo_project):
+    work, _ = demo_project
+    (snippet,) = [b for b in fenced("python") if "models:/" in b]
+    out = run([str(work / ".venv" / "bin" / "python"), "-c", snippet], work, fresh_env(work), timeout=600)
+    header = next(line for line in out.splitlines() if "ALB" in line)
+    assert header.split() == ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(SERVERS))
+def test_the_readmes_servers_answer_and_stop_on_ctrl_c(demo_project, command):
+    work, _ = demo_project
+    port = SERVERS[command]
+    server = subprocess.Popen(command, shell=True, cwd=work, env=fresh_env(work), start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert server.poll() is None, f"{command} exited: {server.stdout.read()[-2000:]}"
+                assert time.monotonic() < deadline, f"{command} did not answer on port {port}"
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in that terminal, as the README says
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            pytest.fail(f"{command} did not stop on Ctrl-C")
