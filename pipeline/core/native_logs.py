@@ -32,6 +32,8 @@ NOISE = re.compile(
     # errors that are not: no CUDA driver on a CPU machine, and a tf.data attribute TensorFlow itself wrote
     rb"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ [^\]\s]+:\d+\] (?:failed call to cuInit|NodeDef mentions attribute "
     rb"use_unbounded_threadpool|Unable to register cu(?:DNN|FFT|BLAS) factory)[^\n]*"
+    # tf.data cancelling its own background graph optimisation when an iterator finishes early
+    rb"|W\d{4} \d\d:\d\d:[\d.]+ +\d+ root_dataset\.cc:\d+\] Optimization loop failed: CANCELLED[^\n]*"
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|To enable the following instructions: [^\n]*rebuild TensorFlow with the appropriate compiler flags\."
     rb")\n"
