@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_course_cases_train_under_a_multi_device_strategy(tmp_path):
     path = write_params(tmp_path, {
-        "mnist.epochs": 2, "mnist.batch_size": 32, "mnist.reports": str(tmp_path / "mnist"),
+        "mnist.epochs": 3, "mnist.batch_size": 32, "mnist.reports": str(tmp_path / "mnist"),
         "mnist.test_fraction": 0.5, "mnist.mlp": {"units": [32], "dropout": [0.1]},
         "mnist.cnn.filters": [4, 4], "mnist.cnn.dense_units": [16],
         "imdb.demo_reviews": 301, "imdb.epochs": 2, "imdb.batch_size": 32, "imdb.rnn_units": 8,
@@ -49,7 +49,7 @@ def test_course_cases_train_under_a_multi_device_strategy(tmp_path):
     for case in ("mnist", "imdb", "catsdogs"):
         assert out[case]["devices"]["strategy"] == "MirroredStrategy" and out[case]["devices"]["replicas"] == 2
     # Two replicas learn as one device would: far above chance, not NaN from an empty replica's batch norm.
-    assert min(out["mnist"][m]["test_accuracy"] for m in ("mlp", "cnn")) > 0.3  # chance: 0.1; ~0.5 here
+    assert min(out["mnist"][m]["test_accuracy"] for m in ("mlp", "cnn")) > 0.3  # chance: 0.1
     assert out["imdb"]["model"]["test_roc_auc"] > 0.5 and np.isfinite(out["imdb"]["model"]["test_accuracy"])
     assert np.isfinite(out["catsdogs"]["best_val_loss"]) and out["catsdogs"]["test_roc_auc"] > 0.5
 

@@ -123,9 +123,9 @@ def test_mlp_with_mismatched_dropout_rates_fails_loudly():
 
 
 def test_stage_writes_metrics_and_confusion_matrix(tmp_path):
-    path = write_params(tmp_path, {"mnist.epochs": 1, "mnist.reports": str(tmp_path / "reports" / "mnist"),
+    path = write_params(tmp_path, {"mnist.epochs": 3, "mnist.reports": str(tmp_path / "reports" / "mnist"),
                                    "mnist.test_fraction": 0.5, "mnist.mlp": {"units": [16], "dropout": [0.1]},
-                                   "mnist.cnn.filters": [4, 4], "mnist.cnn.dense_units": [8]})
+                                   "mnist.cnn.filters": [4, 4], "mnist.cnn.dense_units": [16]})
     s = load(mnist.Settings, path)
     summary = mnist.run(s)
     saved = json.loads((tmp_path / "reports" / "mnist" / "metrics.json").read_text())
@@ -133,7 +133,7 @@ def test_stage_writes_metrics_and_confusion_matrix(tmp_path):
     assert saved["n_test"] + saved["n_train"] == N_DIGITS
     assert saved["n_test"] == pytest.approx(s.mnist.test_fraction * N_DIGITS, abs=1)
     for name in ("mlp", "cnn"):
-        # One epoch of a 16-unit MLP on half the digits: well above chance (0.1), far from done (~0.5).
+        # Three epochs of tiny models on half the digits: well above chance (0.1), far from done (0.55-0.7).
         assert saved[name]["test_accuracy"] > 0.3 and np.isfinite(saved[name]["test_log_loss"])
     assert (tmp_path / "reports" / "mnist" / "confusion_matrix.png").stat().st_size > 1000
 

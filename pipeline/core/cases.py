@@ -7,16 +7,32 @@ curves) and an MLflow run in the case's own experiment (`report`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.core import tracking
+from pipeline.core.devices import configure_devices, device_summary
 from pipeline.core.files import save_figure, write_json
-from pipeline.core.params import flatten
+from pipeline.core.params import Tracking, flatten
+
+
+@contextlib.contextmanager
+def case_run(seed: int, mixed_precision: str, tracking_cfg: Tracking, run_name: str, params: object,
+             experiment: str) -> Iterator[None]:
+    """Around a case's training: the global seed, the devices' strategy scope (as the fisheries train stage
+    picks it: `train.mixed_precision` is one setting for every pipeline) and the case's own MLflow run."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    logged = {"seed": seed, **flatten(params)}
+    with configure_devices(mixed_precision).scope(), tracking.start_run(tracking_cfg, run_name, logged,
+                                                                        experiment=experiment):
+        yield
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -121,9 +137,11 @@ def confusion_figure(matrices: Mapping[str, np.ndarray], labels: Sequence[str], 
     return fig
 
 
-def report(metrics: Mapping[str, Any], figures: Mapping[str, Any], reports_dir: str | Path) -> list[Path]:
-    """Write `metrics.json` and each figure into `reports_dir`, then attach them to the active MLflow run."""
+def report(metrics: dict[str, Any], figures: Mapping[str, Any], reports_dir: str | Path) -> list[Path]:
+    """Write `metrics.json` (with what the run trained on: GPUs, precision, replicas) and each figure into
+    `reports_dir`, then attach them to the active MLflow run. Call it inside `case_run`."""
     reports_dir = Path(reports_dir)
+    metrics["devices"] = device_summary()
     write_json(reports_dir / "metrics.json", dict(metrics))
     written = [reports_dir / "metrics.json"]
     for name, fig in figures.items():

@@ -28,12 +28,11 @@ import numpy as np
 
 from pipeline.core import tracking
 from pipeline.core.backbones import build_extractor, extract_features, validate_model_settings
-from pipeline.core.cases import binary_scores, report, roc_figure
+from pipeline.core.cases import binary_scores, case_run, report, roc_figure
 from pipeline.core.decode import decode_bytes, fit_square
-from pipeline.core.devices import configure_devices, device_summary
 from pipeline.core.files import save_npz, write_json
 from pipeline.core.heads import fit_head
-from pipeline.core.params import CatsDogs, Tracking, Train, flatten, load, stage_parser
+from pipeline.core.params import CatsDogs, Tracking, Train, load, stage_parser
 from pipeline.generators.cartoons import demo_images
 
 CLASSES = ("cat", "dog")
@@ -253,22 +252,15 @@ def summarise(cfg: CatsDogs, data: Loaded, rows: dict, results: dict, score: np.
 
 def run(s: Settings) -> dict:
     """Load the source, embed it with the frozen backbone, train the head, report and log one run."""
-    import keras
-
     cfg = s.catsdogs
     validate_model_settings([cfg.backbone], cfg.image_size, cfg.weights)
-    keras.utils.set_random_seed(s.seed)
-    data = load_source(cfg, s.seed)
-    write_quarantine(Path(cfg.reports) / "quarantine.json", cfg.source, data)
-    rows = split(data.labels, cfg.test_fraction, cfg.val_fraction, s.seed)
-    params = {"seed": s.seed, **flatten(cfg)}
-    with configure_devices(s.train.mixed_precision).scope(), tracking.start_run(
-        s.tracking, f"catsdogs-{cfg.source}", params, experiment="catsdogs"
-    ):
+    with case_run(s.seed, s.train.mixed_precision, s.tracking, f"catsdogs-{cfg.source}", cfg, "catsdogs"):
+        data = load_source(cfg, s.seed)
+        write_quarantine(Path(cfg.reports) / "quarantine.json", cfg.source, data)
+        rows = split(data.labels, cfg.test_fraction, cfg.val_fraction, s.seed)
         features = embed(data.images, extractor_settings(cfg, s.seed), cfg.extract_batch_size, Path(cfg.embeddings))
         results, score = train_and_evaluate(features, data.labels, rows, cfg, s.seed, [tracking.EpochLogger("head.")])
         summary, figure = summarise(cfg, data, rows, results, score)
-        summary["devices"] = device_summary()  # what it trained on: GPUs, precision, replicas
         report(summary, {"roc_curve.png": figure}, cfg.reports)
         tracking.log_artifact(Path(cfg.reports) / "quarantine.json")
     return summary

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import tracking
-from pipeline.core.cases import binary_scores, keras_dataset_file, report, roc_figure
-from pipeline.core.devices import configure_devices, device_summary, replicas, rows_for_replicas
+from pipeline.core.cases import binary_scores, case_run, keras_dataset_file, report, roc_figure
+from pipeline.core.devices import replicas, rows_for_replicas
 from pipeline.core.heads import ValidationLogLoss
-from pipeline.core.params import Imdb, Tracking, Train, flatten, load, stage_parser
+from pipeline.core.params import Imdb, Tracking, Train, load, stage_parser
 from pipeline.generators.reviews import demo_reviews
 
 # Keras' IMDB conventions, kept for the demo too: 0 pads, 1 starts a review, 2 stands for a word outside the
@@ -197,22 +197,15 @@ def summarise(cfg: Imdb, data: dict[str, np.ndarray], scores: dict[str, np.ndarr
 
 def run(s: Settings) -> dict:
     """Train the recurrent model and the bag-of-words baseline on one split, report both, log one run."""
-    import keras
-
     cfg = s.imdb
-    keras.utils.set_random_seed(s.seed)
-    data = load_source(cfg, s.seed)
-    params = {"seed": s.seed, **flatten(cfg)}
-    with configure_devices(s.train.mixed_precision).scope(), tracking.start_run(
-        s.tracking, f"imdb-{cfg.source}-{cfg.rnn}", params, experiment="imdb"
-    ):
+    with case_run(s.seed, s.train.mixed_precision, s.tracking, f"imdb-{cfg.source}-{cfg.rnn}", cfg, "imdb"):
+        data = load_source(cfg, s.seed)
         logger = tracking.EpochLogger(f"{cfg.rnn}.")
         scores = {
             cfg.rnn: train_model(build_model(cfg), data, cfg, s.seed, [logger]),
             "bag_of_words": bag_of_words_baseline(data, cfg),
         }
         summary, figure = summarise(cfg, data, scores)
-        summary["devices"] = device_summary()  # what it trained on: GPUs, precision, replicas
         report(summary, {"roc_curve.png": figure}, cfg.reports)
     return summary
 

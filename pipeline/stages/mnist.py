@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core import metrics, tracking
-from pipeline.core.cases import confusion_figure, keras_dataset_file, report
-from pipeline.core.devices import configure_devices, device_summary, replicas, rows_for_replicas
-from pipeline.core.params import Cnn, ConfigError, Mlp, Mnist, Tracking, Train, flatten, load, stage_parser
+from pipeline.core.cases import case_run, confusion_figure, keras_dataset_file, report
+from pipeline.core.devices import replicas, rows_for_replicas
+from pipeline.core.params import Cnn, ConfigError, Mlp, Mnist, Tracking, Train, load, stage_parser
 from pipeline.generators.digits import demo_digits
 
 N_CLASSES = 10
@@ -159,22 +159,15 @@ def summarise(results: dict[str, dict], data: dict[str, np.ndarray], source: str
 
 def run(s: Settings) -> dict:
     """Train both models on the configured source, report them and log one MLflow run."""
-    import keras
-
     cfg = s.mnist
-    keras.utils.set_random_seed(s.seed)
-    data = load_source(cfg, s.seed)
-    params = {"seed": s.seed, **flatten(cfg)}
-    with configure_devices(s.train.mixed_precision).scope(), tracking.start_run(
-        s.tracking, f"mnist-{cfg.source}", params, experiment="mnist"
-    ):
+    with case_run(s.seed, s.train.mixed_precision, s.tracking, f"mnist-{cfg.source}", cfg, "mnist"):
+        data = load_source(cfg, s.seed)
         models = {"mlp": build_mlp(cfg.mlp, cfg.image_size), "cnn": build_cnn(cfg.cnn, cfg.image_size)}
         results = {
             name: train_and_evaluate(model, data, cfg, s.seed, [tracking.EpochLogger(prefix=f"{name}.")])
             for name, model in models.items()
         }
         summary, figure = summarise(results, data, cfg.source)
-        summary["devices"] = device_summary()  # what it trained on: GPUs, precision, replicas
         report(summary, {"confusion_matrix.png": figure}, cfg.reports)
     return summary
 
