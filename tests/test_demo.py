@@ -395,7 +395,7 @@ def test_the_fish_box_holds_the_signal_the_whole_frame_dilutes():
 
 def test_main_writes_the_configured_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(
-        "data:\n  source: demo\n  demo_dir: raw/demo\n  kaggle_dir: raw/kaggle\n"
+        "data:\n  source: demo\n  demo_dir: raw/demo\n  kaggle_dir: raw/kaggle\n  annotations_dir: annotations\n"
         "demo:\n  n_train: 40\n  n_test_stg1: 4\n  n_test_stg2: 4\n  train_boats: 2\n  new_boats: 1\n"
         "  width: 64\n  night_share: 0.1\n  burst: 2.0\n  seed: 1\n"
     )
