@@ -829,8 +829,8 @@ def _spot(rng: np.random.Generator, w: int, h: int, length: float, main: tuple |
         side = rng.choice([-1.0, 1.0])
         return centre + across * side * rng.uniform(0.3, 0.6) * reach + along * rng.normal(0, 0.15) * reach, angle
     t = rng.uniform(0, 2 * np.pi)
-    return centre + np.array([np.cos(t), np.sin(t)]) * rng.uniform(0.6, 1.2) * (reach + length), \
-        float(rng.uniform(0, 360))
+    beside = centre + np.array([np.cos(t), np.sin(t)]) * rng.uniform(0.6, 1.2) * (reach + length)
+    return beside, float(rng.uniform(0, 360))
 
 
 def _count_fish(rng: np.random.Generator, label: str) -> int:
