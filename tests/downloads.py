@@ -2,12 +2,14 @@
 
 Shared by the ingest, archive, grouping and end-to-end tests, so that every test of bad input plants it the
 same way: real zip and 7z archives with Kaggle's names, hostile entries (`..`, absolute paths, links), and
-bad files (empty, truncated, not an image, corrupt) beside valid frames of a few planted boats.
+bad files (empty, truncated, not an image, corrupt) beside valid frames of a few planted boats. Also the
+community's box annotations in Sloth JSON (rectangles and head/tail points), with planted defects.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 import uuid
@@ -182,3 +184,84 @@ def make_download(root: Path, form: str = "archives") -> Download:
     s2.to_csv(kdir / "sample_submission_stg2.csv", index=False)
     bad = {Path(k).name: r for k, (_, r) in bad_files.items()} | {k: r for k, (_, r) in bad_stg2.items()}
     return Download(kdir, train, bad, stg1, stg2, ["evil.jpg", "evil7z.jpg", Path(absolute).name])
+
+
+# ------------------------------------------------------------------------------------------ box annotations
+
+
+def rect(x: float, y: float, width: float, height: float) -> dict:
+    """A Sloth rectangle record: top-left corner and size in original-frame pixels."""
+    return {"class": "rect", "x": x, "y": y, "width": width, "height": height}
+
+
+def point(x: float, y: float) -> dict:
+    """A Sloth point record (the circulating head/tail files: two per fish)."""
+    return {"class": "point", "x": x, "y": y}
+
+
+def sloth_entry(filename: str, *records: dict) -> dict:
+    """One image entry of a Sloth file, in the community's key order."""
+    return {"filename": filename, "class": "image", "annotations": list(records)}
+
+
+def write_annotations(folder: Path, files: dict[str, list | str]) -> Path:
+    """Write annotation files into `folder`: a list is dumped as JSON, a string written as it is (broken JSON)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+    return folder
+
+
+@dataclasses.dataclass
+class PlantedAnnotations:
+    """What `plant_annotations` put in the folder, and what ingest must make of it."""
+
+    folder: Path
+    boxes: pd.DataFrame  # the expected boxes table: id, x, y, width, height, kind, source
+    unmatched: dict[str, str]  # filename as written -> reason fragment
+    ignored: dict[str, str]  # file -> reason fragment
+
+
+def plant_annotations(kaggle_dir: Path) -> PlantedAnnotations:
+    """A Sloth folder for `make_download`'s training images, with every defect the real files have or users make.
+
+    The download's frames are 160 x 96 (img_00001..3, 9, 15) and 160 x 120 (img_00016); img_00003 is a BET,
+    img_00009 a NoF, img_00200 a quarantined (empty) file, img_00300 a stage-1 test image.
+    """
+    alb = [
+        sloth_entry("img_00001.jpg", rect(10.5, 20.25, 30, 15), rect(-5.5, 40, 20, 10), rect(500, 10, 20, 20)),
+        sloth_entry("../input/train/ALB/img_00002.jpg", rect(100, -8, 50, 30), rect(150, 80, 20, 30)),
+        sloth_entry("img_99999.jpg", rect(1, 1, 5, 5)),
+        sloth_entry("img_00200.jpg", rect(1, 1, 5, 5)),
+        sloth_entry("img_00300.jpg", rect(1, 1, 5, 5)),
+        sloth_entry("img_00003.jpg", rect(5, 5, 40, 20)),  # a BET frame in the ALB file: box kept
+        sloth_entry("img_00009.jpg", rect(5, 5, 40, 20)),  # a NoF frame: box dropped
+        sloth_entry("img_00001.jpg", rect(10.5, 20.25, 30, 15), {"class": "polygon", "points": []},
+                    {"class": "rect", "x": "12", "y": 1, "width": 3, "height": 3}),
+        "not an entry",
+    ]
+    bet = [sloth_entry("img_00004.jpg"), sloth_entry("img_00003.jpg", rect(60, 30, 40, 20))]
+    yft_points = [
+        sloth_entry("dummy.jpg", point(0, 0)),  # the point files' dummy first record
+        sloth_entry("C:\\data\\train\\YFT\\img_00015.jpg", point(100, 50), point(60, 50)),
+        sloth_entry("img_00016.jpg", point(1, 1), point(20, 100), point(20, 60)),  # a dummy first point
+    ]
+    folder = write_annotations(kaggle_dir / "annotations", {
+        "alb_labels.json": alb, "bet_labels.json": bet, "yft_labels.json": yft_points,
+        "nof_labels.json": [sloth_entry("img_00009.jpg", rect(1, 1, 5, 5))], "notes.txt": "boxes by me\n",
+    })
+    boxes = pd.DataFrame(
+        [("img_00001.jpg", 0.0, 40.0, 14.5, 10.0, "rect", "alb_labels.json"),
+         ("img_00001.jpg", 10.5, 20.25, 30.0, 15.0, "rect", "alb_labels.json"),
+         ("img_00002.jpg", 100.0, 0.0, 50.0, 22.0, "rect", "alb_labels.json"),
+         ("img_00002.jpg", 150.0, 80.0, 10.0, 16.0, "rect", "alb_labels.json"),
+         ("img_00003.jpg", 5.0, 5.0, 40.0, 20.0, "rect", "alb_labels.json"),
+         ("img_00003.jpg", 60.0, 30.0, 40.0, 20.0, "rect", "bet_labels.json"),
+         ("img_00015.jpg", 58.0, 44.0, 44.0, 12.0, "point", "yft_labels.json"),
+         ("img_00016.jpg", 14.0, 58.0, 12.0, 44.0, "point", "yft_labels.json")],
+        columns=["id", "x", "y", "width", "height", "kind", "source"],
+    )
+    unmatched = {"img_99999.jpg": "no training image", "img_00200.jpg": "quarantined",
+                 "img_00300.jpg": "a test image"}
+    ignored = {"nof_labels.json": "NoF frames hold no fish", "notes.txt": "not a class file"}
+    return PlantedAnnotations(folder, boxes, unmatched, ignored)

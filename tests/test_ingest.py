@@ -30,7 +30,10 @@ from tests.downloads import (
     jpeg,
     make_download,
     png,
+    rect,
     sample_submission,
+    sloth_entry,
+    write_annotations,
     write_folder,
     write_zip,
 )
@@ -175,6 +178,13 @@ def make_demo(root: Path) -> Path:
                 rows.append({"image": image_id, "label": label, "stage": 2 if split == "test_stg2" else 1})
     sol = pd.DataFrame(rows)
     sol.to_csv(demo / "solution.csv", index=False)
+    # The test fish's true boxes, one reaching past its 200 x 120 frame; and the community's files for two images.
+    true_boxes = [("img_00009.jpg", 1, 10.0, 20.0, 30.0, 15.0),
+                  ("test_stg2/image_00031.jpg", 2, 180.0, 100.0, 40.0, 30.0)]
+    pd.DataFrame(true_boxes, columns=["image", "stage", "x", "y", "width", "height"]).to_csv(
+        demo / "solution_boxes.csv", index=False)
+    write_annotations(demo / "annotations", {"alb_labels.json": [sloth_entry("img_00001.jpg", rect(5, 6, 30, 20))],
+                                             "bet_labels.json": [sloth_entry("img_00002.jpg")]})
     pd.DataFrame(boats).to_csv(demo / "boats.csv", index=False)
     sample_submission(sol.image[sol.stage == 1].tolist()).to_csv(demo / "sample_submission_stg1.csv", index=False)
     sample_submission(sol.image.tolist()).to_csv(demo / "sample_submission_stg2.csv", index=False)
@@ -193,6 +203,14 @@ def test_demo_source_reports_group_agreement(tmp_path):
         report["groups"]["test_groups_seen_in_train"]["test_stg2"] == 0
     )  # the new boat is a group of its own
     assert (tmp_path / paths.solution).read_text() == (demo / "solution.csv").read_text()
+    assert pd.read_csv(tmp_path / paths.solution_boxes).values.tolist() == [
+        ["img_00009.jpg", 1, 10.0, 20.0, 30.0, 15.0], ["test_stg2/image_00031.jpg", 2, 180.0, 100.0, 20.0, 20.0]]
+    assert report["solution_boxes"]["clipped"] == 1
+    assert report["solution_boxes"]["file"] == "data/raw/demo/solution_boxes.csv"
+    assert pd.read_csv(tmp_path / paths.boxes).values.tolist() == [
+        ["img_00001.jpg", 5.0, 6.0, 30.0, 20.0, "rect", "alb_labels.json"]]
+    assert report["annotations"]["folder"] == "data/raw/demo/annotations"
+    assert report["annotations"]["empty_entries"]["count"] == 1
 
 
 # ------------------------------------------------------------------------------------------ stop conditions

@@ -55,6 +55,8 @@ class Paths:
     sample_stg1: str
     sample_stg2: str
     solution: str
+    solution_boxes: str
+    boxes: str
     ensemble_report: str
 
 
@@ -63,6 +65,7 @@ class Data:
     source: Literal["demo", "kaggle"]
     demo_dir: str
     kaggle_dir: str
+    annotations_dir: str  # the community's box files: a folder inside the source's folder (or an absolute path)
 
 
 @dataclass(frozen=True)

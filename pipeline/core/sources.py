@@ -6,6 +6,9 @@ Kaggle shipped, CRC-checked on the way out), else from the folder or plain file 
 unpack under `${paths.interim}/extracted/`, never beside the download, which stays read-only.
 Then every file is listed as a candidate image with its id, split and label, and the sample submissions are
 read and checked against the test files, before any pixel is decoded: a wrong download fails in seconds.
+The community's box files are looked for in `data.annotations_dir` inside the source's folder (the demo's
+`annotations/`, or `data/raw/kaggle/annotations/` beside the Kaggle files), where a user puts them; an
+absolute path is taken as it is. True test boxes are read from `solution_boxes.csv` beside `solution.csv`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Sources:
     dirs: dict[str, Path]  # split -> folder of images (train: folder of class folders)
     samples: dict[str, Path]  # "stg1"/"stg2" -> sample submission CSV
     solution: Path | None = None
+    solution_boxes: Path | None = None  # the test images' true boxes (the demo's), when the source has them
+    annotations: Path | None = None  # the folder of the community's box files; it may not exist
     boats: Path | None = None
     origin: dict[str, str] = field(default_factory=dict)  # piece -> where it came from, for the report
     extractions: list = field(default_factory=list)
@@ -54,18 +59,20 @@ class Candidate:
     path: Path
 
 
-def locate_demo(demo_dir: Path) -> Sources:
+def locate_demo(demo_dir: Path, annotations_dir: str = "annotations") -> Sources:
     missing = [p for p in (*SPLITS, *SAMPLES, "solution.csv") if not (demo_dir / p).exists()]
     if missing:
         raise IngestError(
             f"the demo download in {demo_dir} lacks {', '.join(missing)}: generate it with "
-            "`python -m pipeline.demo` (or `dvc repro demo`), or set data.source: kaggle in params.yaml"
+            "`python -m pipeline demo` (or `dvc repro demo`), or set data.source: kaggle in params.yaml"
         )
-    boats = demo_dir / "boats.csv"
+    boats, boxes = demo_dir / "boats.csv", demo_dir / "solution_boxes.csv"
     return Sources(
         dirs={s: demo_dir / s for s in SPLITS},
         samples={"stg1": demo_dir / SAMPLES[0], "stg2": demo_dir / SAMPLES[1]},
         solution=demo_dir / "solution.csv",
+        solution_boxes=boxes if boxes.exists() else None,
+        annotations=demo_dir / annotations_dir,
         boats=boats if boats.exists() else None,
         origin={s: str(demo_dir / s) for s in (*SPLITS, *SAMPLES)},
     )
@@ -83,7 +90,8 @@ def _csv_inside(folder: Path, name: str) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def locate_kaggle(kaggle_dir: Path, extract_root: Path, max_bytes: int, max_entries: int) -> Sources:
+def locate_kaggle(kaggle_dir: Path, extract_root: Path, max_bytes: int, max_entries: int,
+                  annotations_dir: str = "annotations") -> Sources:
     """Find every piece in `kaggle_dir`, unpacking archives under `extract_root`; name all that is missing."""
     found: dict[str, Path] = {}
     origin: dict[str, str] = {}
@@ -113,11 +121,13 @@ def locate_kaggle(kaggle_dir: Path, extract_root: Path, max_bytes: int, max_entr
             f"or download them from {COMPETITION_URL}/data after accepting the competition rules. "
             "To run offline instead, set data.source: demo in params.yaml."
         )
-    solution = kaggle_dir / "solution.csv"
+    solution, boxes = kaggle_dir / "solution.csv", kaggle_dir / "solution_boxes.csv"
     return Sources(
         dirs={s: found[s] for s in SPLITS},
         samples={"stg1": found[SAMPLES[0]], "stg2": found[SAMPLES[1]]},
         solution=solution if solution.is_file() else None,
+        solution_boxes=boxes if boxes.is_file() else None,
+        annotations=kaggle_dir / annotations_dir,
         origin=origin,
         extractions=extractions,
     )

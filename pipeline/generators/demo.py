@@ -1,17 +1,27 @@
 """Generate an offline stand-in for the Kaggle fisheries download, so the whole pipeline runs without it.
 
 The folder it writes (`data.demo_dir`) has exactly Kaggle's layout (`train/<CLASS>/img_XXXXX.jpg`,
-`test_stg1/img_XXXXX.jpg`, `test_stg2/image_XXXXX.jpg`, both sample submissions) plus the answers Kaggle
-never shipped: `solution.csv` (the test labels) and `boats.csv` (the true boat of every frame). The frames
-are drawn scenes, not noise, and carry the traits that decided the real competition: a few boats whose
-fixed cameras make their frames near-duplicates, night-vision frames, three tunas that differ mostly in fin
-colour and length, skewed class shares, and a stage 2 made only of boats never seen in training, with
-shifted shares. Everything is seeded by `demo.seed`; every boat and every image has its own generator,
-so one frame can be redrawn alone and the files are byte-identical from run to run.
+`test_stg1/img_XXXXX.jpg`, `test_stg2/image_XXXXX.jpg`, both sample submissions), the community's box
+annotations of the training frames in their Sloth JSON format (`annotations/<class>_labels.json`, one file
+per class with fish, none for NoF), plus the answers Kaggle never shipped: `solution.csv` (the test labels),
+`solution_boxes.csv` (the test fish's true boxes) and `boats.csv` (the true boat of every frame). The frames
+are drawn scenes, not noise, at the real cameras' scale: frames `demo.width` wide (640 by default) in the
+real cameras' aspect ratios, on which the catch covers 3-15% of the width and the deck, the gear and the
+crew the rest; now and then a haul of several fish, some lying across the frame's edge, some partly hidden
+by a glove, a net, a hose or a crewman. They carry the traits that decided the real competition: a few
+boats whose fixed cameras make their frames near-duplicates, night-vision frames, three tunas that differ
+mostly in fin colour and length, skewed class shares, and a stage 2 made only of boats never seen in
+training, with shifted shares. A whole-frame model sees a few pixels of fish: that is the point.
+The annotation files are drawn as people drew the real ones: boxes a little loose (LABEL_JITTER), floats,
+some starting at a negative x or y, a few entries with an empty list (EMPTY_ENTRY_SHARE), no box for a
+fish hidden past recognition (MIN_BOXED).
+Everything is seeded by `demo.seed`; every boat and every image has its own generator, so one frame can be
+redrawn alone and the files are byte-identical from run to run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +31,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.core.competition import FISH_CLASSES, SUBMISSION_HEADER
+from pipeline.core.competition import ANNOTATION_FILES, FISH_CLASSES, SUBMISSION_HEADER
 from pipeline.core.params import Data, Demo, load, stage_parser
 
 #: Kaggle's training counts; the demo's training and stage-1 shares follow them.
@@ -35,18 +45,45 @@ CAMERA_SIZES = ((1280, 720), (1280, 750), (1280, 974), (1192, 670), (1244, 700),
                 (1276, 718), (1334, 750), (1518, 854), (1732, 974), (1280, 924))
 CAMERA_WEIGHTS = (0.3, 0.2, 0.2, 0.05, 0.05, 0.05, 0.05, 0.04, 0.03, 0.03)
 JPEG_QUALITY = 90
+#: The folder of the community-format box files, inside the demo download (ingest's `data.annotations_dir`).
+ANNOTATIONS = "annotations"
+#: Share of annotated training frames whose entry lists no box, and how far a drawn box's edges stray from
+#: the fish (a share of the box's side, one standard deviation).
+EMPTY_ENTRY_SHARE = 0.02
+LABEL_JITTER = 0.02
 
 
 # The fish is drawn head-right on a fixed canvas, then rotated and scaled into the frame.
 CANVAS_W, CANVAS_H = 320, 208
 BODY_LEN, SNOUT_X, MID_Y = 160.0, 250.0, 104.0
 PEDUNCLE_X = SNOUT_X - BODY_LEN
-#: Total fish length (tail tip to nose) as a share of the frame width, per class.
-FISH_LENGTH = {"ALB": (0.48, 0.66), "BET": (0.44, 0.62), "YFT": (0.48, 0.66), "DOL": (0.48, 0.66),
-               "LAG": (0.36, 0.48), "SHARK": (0.54, 0.7), "OTHER": (0.38, 0.62)}
-#: Chances of 0, 1 or 2 more fish of the same kind beside the main one: a haul is often landed together,
-#: and the extra fish give a whole-frame model enough of the class's colour to learn from.
-EXTRA_FISH = (0.25, 0.4, 0.35)
+#: Total fish length (tail tip to nose) as a share of the frame width, per class, before the boat's camera
+#: distance (`Boat.fish_scale`) and the bycatch kinds' own sizes; every fish ends up within LENGTH_LIMITS.
+#: On the real boats the catch covers a few per cent to a sixth of the frame's width: the camera, the deck and
+#: the crew fill the rest, which is what a whole-frame model learns instead of the fish.
+FISH_LENGTH = {"ALB": (0.07, 0.11), "BET": (0.08, 0.13), "YFT": (0.08, 0.13), "DOL": (0.08, 0.13),
+               "LAG": (0.06, 0.09), "SHARK": (0.11, 0.15), "OTHER": (0.06, 0.13)}
+LENGTH_LIMITS = (0.03, 0.15)
+#: Chance that a frame holds several fish of its class, and the most it holds. The community's boxes count
+#: about 1.5 fish per ALB, BET and LAG frame, 1.3 per OTHER, 1.1 per DOL, SHARK and YFT (NCFM.md), up to nine
+#: albacore in one frame; beyond the first, a count is 1 + Geometric(0.6), capped.
+SEVERAL_FISH = {"ALB": (0.3, 9), "BET": (0.3, 4), "DOL": (0.06, 2), "LAG": (0.3, 3), "OTHER": (0.2, 3),
+                "SHARK": (0.1, 2), "YFT": (0.1, 3)}
+#: Share of fish lying across the frame's edge, so that their boxes start at a negative x or y or end past
+#: the width or height, as a few of the real boxes do.
+EDGE_SHARE = 0.04
+#: What partly hides the main fish, by frame: a gloved hand, a patch of net, gear dropped on it (exclusive
+#: choices), and, independently, a crewman handling it (his arms and gloves over it).
+GLOVE_SHARE, NET_SHARE, GEAR_SHARE, PERSON_SHARE = 0.14, 0.06, 0.07, 0.15
+#: A glove on a fish is at most this share of the fish's length across: a hand holds a small fish, never hides it.
+GLOVE_CAP = 0.18
+#: Crew or gear that would leave less than this share of the main fish in view is left out of the frame.
+MIN_VISIBLE = 0.4
+#: A fish less than this much in view gets no box: a person drawing boxes would not see it. (Only fish beside
+#: the main one can end up so hidden, under the main fish or the crew.)
+MIN_BOXED = 0.25
+#: How far the mast sways between frames, as a share of the frame width, in x and y.
+SWAY = 0.008
 DECK_RELIEF = 0.5
 
 
@@ -221,7 +258,8 @@ class Boat:
     height: int
     deck: np.ndarray  # float32 (H, W, 3) in [0, 1], unlit
     light: np.ndarray  # float32 (H, W, 1), multiplied in after everything is drawn
-    shadow: tuple[int, int]  # which way shadows fall, in pixels
+    shadow: tuple[float, float]  # which way shadows fall: a unit vector, away from the light
+    fish_scale: float  # the camera's distance from the deck: every fish on this boat looks this much larger
 
 
 def _noise(rng: np.random.Generator, h: int, w: int, cell: float, aspect: float = 1.0) -> np.ndarray:
@@ -381,9 +419,10 @@ def draw_boat(rng: np.random.Generator, boat_id: int, width: int) -> Boat:
     light = rng.uniform(0.9, 1.08) * (1.0 + rng.uniform(0.05, 0.25) * gradient) * vignette
     cast = rng.uniform(0.94, 1.06, 3).astype(np.float32)  # the camera's white balance
     deck = np.clip(deck * cast, 0, 1).astype(np.float32)
-    offset = int(0.015 * width)
-    shadow = (int(round(-np.cos(angle) * offset)), int(round(-np.sin(angle) * offset)))
-    return Boat(boat_id, width, height, deck, light[..., None].astype(np.float32), shadow)
+    shadow = (float(-np.cos(angle)), float(-np.sin(angle)))
+    # Drawn last, so the deck and its light stay what they were before the fish had a scale of their own.
+    fish_scale = float(rng.uniform(0.85, 1.15))
+    return Boat(boat_id, width, height, deck, light[..., None].astype(np.float32), shadow, fish_scale)
 
 
 # ------------------------------------------------------------------------------------------- the fish
@@ -627,92 +666,268 @@ def render_fish(rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------------------- the scene
 
 
-def place_fish(rng: np.random.Generator, img: np.ndarray, label: str, shadow: tuple[int, int] = (0, 0),
-               scale: float = 1.0, nudge: np.ndarray | None = None) -> np.ndarray:
-    """Lay one fish of `label` on `img` (float RGB, changed in place); returns its canvas-to-frame matrix.
+@dataclass(frozen=True)
+class Frame:
+    """One drawn frame and the truth about the fish in it."""
 
-    `nudge` (a 2x3 affine in frame pixels) moves the fish after `rng` has placed it: the same fish, handled
-    between two frames of a burst.
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    boxes: np.ndarray  # float64 (n, 4): x, y, width, height of each fish in frame pixels; may pass the edge
+    visible: np.ndarray  # float64 (n,): share of each fish's pixels in the frame that nothing drawn later hides
+
+
+@dataclass(frozen=True)
+class Sprite:
+    """One fish drawn head-right and already shrunk to its size in the frame (premultiplied RGB, alpha)."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray
+    scale: tuple[float, float]  # sprite pixels per canvas pixel, along x and y
+    middle: tuple[float, float]  # halfway from tail tip to nose, in sprite pixels: what the fish turns about
+    length: float  # tail tip to nose, in frame pixels
+
+
+@dataclass(frozen=True)
+class Laid:
+    """A fish on the frame: where it went, its box, and its own pixels as they were right after it was laid."""
+
+    M: np.ndarray  # canvas-to-frame affine (2x3), so canvas points (`_on_fish`) map onto the frame
+    length: float
+    box: np.ndarray  # x, y, width, height
+    window: tuple[slice, slice]  # rows and columns of the frame that `mask` covers
+    mask: np.ndarray  # bool: the fish's own pixels (alpha > 0.5) inside `window`
+    pixels: np.ndarray  # the frame's values at `mask` once the fish was laid
+
+
+def fish_sprite(rng: np.random.Generator, label: str, width: int, scale: float = 1.0) -> Sprite:
+    """Draw one fish of `label` and shrink it to its length in a frame `width` pixels wide.
+
+    Shrinking the canvas with area averaging before it is rotated into place keeps the fins and the eye from
+    aliasing into speckle, and keeps the warp as small as the fish.
     """
-    h, w = img.shape[:2]
     spec = fish_spec(rng, label)
     rgb, alpha, (tail_x, nose_x) = render_fish(rng, spec)
     if rng.random() < 0.5:  # lying on its other side
         rgb, alpha = rgb[::-1].copy(), alpha[::-1].copy()
-    frac = rng.uniform(*FISH_LENGTH[label]) * scale * spec["size"]
-    centre = (tail_x + nose_x) / 2
-    M = cv2.getRotationMatrix2D((centre, MID_Y), float(rng.uniform(0, 360)), frac * w / (nose_x - tail_x))
-    M[:, 2] += np.array([rng.uniform(0.22, 0.78) * w, rng.uniform(0.25, 0.75) * h]) - [centre, MID_Y]
-    if nudge is not None:
-        M = nudge @ np.vstack([M, [0.0, 0.0, 1.0]])
-    fish = cv2.warpAffine(rgb, M, (w, h), flags=cv2.INTER_LINEAR)
-    a = cv2.warpAffine(alpha, M, (w, h), flags=cv2.INTER_LINEAR)
-    dark = np.roll(cv2.GaussianBlur(a, (0, 0), max(1.0, 0.01 * w)), shadow, axis=(1, 0))
-    img *= (1.0 - 0.45 * dark)[..., None]
-    img *= (1.0 - a)[..., None]
-    img += fish
-    return M
+    frac = float(np.clip(rng.uniform(*FISH_LENGTH[label]) * spec["size"] * scale, *LENGTH_LIMITS))
+    k = frac * width / (nose_x - tail_x)
+    size = (max(2, round(CANVAS_W * k)), max(2, round(CANVAS_H * k)))
+    interp = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
+    rgb, alpha = cv2.resize(rgb, size, interpolation=interp), cv2.resize(alpha, size, interpolation=interp)
+    sx, sy = size[0] / CANVAS_W, size[1] / CANVAS_H
+    return Sprite(rgb, alpha, (sx, sy), ((tail_x + nose_x) / 2 * sx, MID_Y * sy), frac * width)
 
 
-def _on_fish(rng: np.random.Generator, M: np.ndarray) -> np.ndarray:
-    """A random point along the fish's body, in frame pixels."""
-    x = PEDUNCLE_X + rng.uniform(0.1, 0.9) * BODY_LEN
+def fish_matrix(sprite: Sprite, centre: np.ndarray, angle: float, nudge: np.ndarray | None = None) -> np.ndarray:
+    """The sprite-to-frame affine that turns the fish by `angle` degrees and puts its middle at `centre`."""
+    M = cv2.getRotationMatrix2D(sprite.middle, angle, 1.0)
+    M[:, 2] += np.asarray(centre, np.float64) - sprite.middle
+    return M if nudge is None else nudge @ np.vstack([M, [0.0, 0.0, 1.0]])
+
+
+def _warp_sprite(sprite: Sprite, M: np.ndarray, pad: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """The sprite warped into its own window of the frame (which may reach past the frame's edges)."""
+    h, w = sprite.alpha.shape
+    corners = np.array([[0, 0, 1], [w, 0, 1], [w, h, 1], [0, h, 1]], np.float64) @ M.T
+    x0, y0 = np.floor(corners.min(axis=0)).astype(int) - pad
+    x1, y1 = np.ceil(corners.max(axis=0)).astype(int) + pad
+    local = M.copy()
+    local[:, 2] -= [x0, y0]
+    size = (int(x1 - x0), int(y1 - y0))
+    alpha = cv2.warpAffine(sprite.alpha, local, size, flags=cv2.INTER_LINEAR)
+    rgb = cv2.warpAffine(sprite.rgb, local, size, flags=cv2.INTER_LINEAR)
+    return int(x0), int(y0), rgb, alpha
+
+
+def _alpha_box(x0: int, y0: int, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tight box (x, y, width, height) around a warped fish, and its mask (the pixels at least half fish).
+
+    The box takes every pixel at least a quarter fish, so that a fin tip or a bill a pixel thin, which
+    anti-aliasing never draws at full strength, is inside it as a person drawing the box would put it.
+    """
+    top = float(alpha.max())  # a fish of a pixel or two is never anywhere whole
+    mask = alpha > min(0.5, top / 2)
+    rim = alpha > min(0.25, top / 2)
+    rows, cols = np.flatnonzero(rim.any(axis=1)), np.flatnonzero(rim.any(axis=0))
+    box = np.array([x0 + cols[0], y0 + rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1], np.float64)
+    return box, mask
+
+
+def footprint(sprite: Sprite, centre: np.ndarray, angle: float) -> np.ndarray:
+    """The box the fish would have at `centre`, turned by `angle`, without drawing it."""
+    x0, y0, _, alpha = _warp_sprite(sprite, fish_matrix(sprite, centre, angle), 1)
+    return _alpha_box(x0, y0, alpha)[0]
+
+
+def lay_fish(img: np.ndarray, sprite: Sprite, M: np.ndarray, shadow: tuple[float, float] = (0.0, 0.0)) -> Laid:
+    """Composite the sprite onto `img` (float RGB, changed in place) through the sprite-to-frame affine `M`.
+
+    The fish casts a soft shadow a few per cent of its length long in the boat's light direction `shadow`.
+    Only the fish's window is touched, clipped to the frame, so a fish may hang over an edge.
+    """
+    h, w = img.shape[:2]
+    sigma = max(0.7, 0.02 * sprite.length)
+    offset = np.asarray(shadow, np.float64) * 0.03 * sprite.length
+    x0, y0, rgb, alpha = _warp_sprite(sprite, M, int(np.ceil(3 * sigma + np.abs(offset).max())) + 2)
+    box, mask = _alpha_box(x0, y0, alpha)
+    shift = np.float32([[1, 0, offset[0]], [0, 1, offset[1]]])
+    dark = cv2.warpAffine(cv2.GaussianBlur(alpha, (0, 0), sigma), shift, alpha.shape[::-1])
+    fy0, fx0 = max(y0, 0), max(x0, 0)
+    fy1, fx1 = min(y0 + alpha.shape[0], h), min(x0 + alpha.shape[1], w)
+    window = (slice(fy0, fy1), slice(fx0, fx1))
+    local = (slice(fy0 - y0, fy1 - y0), slice(fx0 - x0, fx1 - x0))
+    region = img[window]
+    region *= (1.0 - 0.45 * dark[local])[..., None]
+    region *= (1.0 - alpha[local])[..., None]
+    region += rgb[local]
+    canvas = np.diag([sprite.scale[0], sprite.scale[1], 1.0])
+    return Laid((np.vstack([M, [0.0, 0.0, 1.0]]) @ canvas)[:2], sprite.length, box, window, mask[local],
+                region[mask[local]].copy())
+
+
+def visible_share(img: np.ndarray, fish: Laid) -> float:
+    """Share of the fish's pixels in the frame that still show it: what crew, gear or other fish left uncovered."""
+    if not fish.mask.any():
+        return 0.0
+    now = img[fish.window][fish.mask]
+    return float(np.mean(np.abs(now - fish.pixels).max(axis=1) < 0.02))
+
+
+def place_fish(rng: np.random.Generator, img: np.ndarray, label: str, shadow: tuple[float, float] = (0.0, 0.0),
+               scale: float = 1.0) -> Laid:
+    """Draw and lay one fish of `label` anywhere in the frame's middle: the one-call form tests and figures use."""
+    h, w = img.shape[:2]
+    sprite = fish_sprite(rng, label, w, scale)
+    centre = rng.uniform([0.2 * w, 0.25 * h], [0.8 * w, 0.75 * h])
+    return lay_fish(img, sprite, fish_matrix(sprite, centre, float(rng.uniform(0, 360))), shadow)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _spot(rng: np.random.Generator, w: int, h: int, length: float, main: tuple | None) -> tuple[np.ndarray, float]:
+    """Where a fish lies and how it is turned: `main` (centre, angle, length) is the catch it was landed with.
+
+    Now and then a fish lies across the frame's edge, as in the real boxes with a negative x or y. Fish landed
+    together lie beside each other, often side by side in a row.
+    """
+    if rng.random() < EDGE_SHARE:
+        side, along, inward = rng.integers(4), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.35) * length
+        centre = {0: (along * w, inward), 1: (w - inward, along * h), 2: (along * w, h - inward),
+                  3: (inward, along * h)}[int(side)]
+        return np.array(centre, np.float64), float(rng.uniform(0, 360))
+    if main is None or rng.random() < 0.3:
+        return rng.uniform([0.12 * w, 0.15 * h], [0.88 * w, 0.85 * h]), float(rng.uniform(0, 360))
+    centre, angle, reach = main
+    if rng.random() < 0.6:  # in a row: parallel, a body depth or two apart
+        angle = angle + rng.normal(0, 12) + (180.0 if rng.random() < 0.3 else 0.0)
+        t = np.deg2rad(angle)
+        across, along = np.array([np.sin(t), np.cos(t)]), np.array([np.cos(t), -np.sin(t)])
+        side = rng.choice([-1.0, 1.0])
+        return centre + across * side * rng.uniform(0.3, 0.6) * reach + along * rng.normal(0, 0.15) * reach, angle
+    t = rng.uniform(0, 2 * np.pi)
+    beside = centre + np.array([np.cos(t), np.sin(t)]) * rng.uniform(0.6, 1.2) * (reach + length)
+    return beside, float(rng.uniform(0, 360))
+
+
+def _count_fish(rng: np.random.Generator, label: str) -> int:
+    share, most = SEVERAL_FISH[label]
+    return 1 if rng.random() >= share else min(most, 1 + int(rng.geometric(0.6)))
+
+
+def _on_fish(rng: np.random.Generator, M: np.ndarray, start: float = 0.1, stop: float = 0.9) -> np.ndarray:
+    """A random point on the fish's body between `start` and `stop` (0 its tail, 1 its nose), in frame pixels
+    (`M`: canvas to frame)."""
+    x = PEDUNCLE_X + rng.uniform(start, stop) * BODY_LEN
     return M @ np.array([x, MID_Y + rng.uniform(-6, 6), 1.0])
 
 
-def _glove(rng: np.random.Generator, img: np.ndarray, at: np.ndarray, colour: np.ndarray) -> None:
-    """A gloved hand: a palm and four fingers pointing one way."""
-    w = img.shape[1]
-    r, angle = rng.uniform(0.03, 0.05) * w, rng.uniform(0, 2 * np.pi)
+def _glove(rng: np.random.Generator, img: np.ndarray, at: np.ndarray, colour: np.ndarray, r: float) -> None:
+    """A gloved hand of radius `r`: a palm and four fingers pointing one way."""
+    angle = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(angle), np.sin(angle)])
     side = np.array([-direction[1], direction[0]])
     for k in np.linspace(-0.6, 0.6, 4):
         start = at + side * k * r
-        cv2.line(img, _ipt(start), _ipt(start + direction * r * 1.5), colour.tolist(), max(2, int(r * 0.45)),
+        cv2.line(img, _ipt(start), _ipt(start + direction * r * 1.5), colour.tolist(), max(1, int(r * 0.45)),
                  cv2.LINE_AA)
-    cv2.ellipse(img, _ipt(at), (int(r), int(r * 0.8)), float(np.degrees(angle)), 0, 360,
+    cv2.ellipse(img, _ipt(at), (max(1, int(r)), max(1, int(r * 0.8))), float(np.degrees(angle)), 0, 360,
                 (colour * 0.85).tolist(), -1, cv2.LINE_AA)
 
 
-def _net(rng: np.random.Generator, img: np.ndarray, at: np.ndarray) -> None:
-    """A patch of net laid over part of the frame (over the fish, where it is called)."""
+def _window(img: np.ndarray, centre: np.ndarray, radius: float) -> tuple[slice, slice] | None:
     h, w = img.shape[:2]
-    step, angle = rng.uniform(0.015, 0.03) * w, rng.uniform(0, np.pi / 2)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    x0, y0 = max(0, int(centre[0] - radius)), max(0, int(centre[1] - radius))
+    x1, y1 = min(w, int(centre[0] + radius) + 1), min(h, int(centre[1] + radius) + 1)
+    return (slice(y0, y1), slice(x0, x1)) if x1 > x0 and y1 > y0 else None
+
+
+def _net(rng: np.random.Generator, img: np.ndarray, at: np.ndarray, length: float) -> None:
+    """A patch of net, about the fish's size, laid over part of it."""
+    step, angle = max(3.0, rng.uniform(0.07, 0.12) * length), rng.uniform(0, np.pi / 2)
+    radius = rng.uniform(0.3, 0.55) * length
+    axes, tilt = (int(radius), int(radius * 0.7)), float(rng.uniform(0, 180))
+    colour = _pick(rng, GEAR_COLOURS)
+    window = _window(img, at, radius + 4)
+    if window is None:
+        return
+    ys, xs = np.mgrid[window].astype(np.float32)
     u = xs * np.cos(angle) + ys * np.sin(angle)
     v = -xs * np.sin(angle) + ys * np.cos(angle)
     mesh = ((u % step < 1.2) | (v % step < 1.2)).astype(np.float32)
-    region = np.zeros((h, w), np.float32)
-    radius = rng.uniform(0.08, 0.16) * w
-    axes = (int(radius), int(radius * 0.7))
-    cv2.ellipse(region, _ipt(at), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-    m = (0.85 * mesh * cv2.GaussianBlur(region, (0, 0), 0.02 * w))[..., None]
-    img += (_pick(rng, GEAR_COLOURS) - img) * m
+    region = np.zeros(mesh.shape, np.float32)
+    cv2.ellipse(region, (int(at[0]) - window[1].start, int(at[1]) - window[0].start), axes, tilt, 0, 360, 1.0, -1)
+    m = (0.85 * mesh * cv2.GaussianBlur(region, (0, 0), max(0.8, 0.04 * radius)))[..., None]
+    img[window] += (colour - img[window]) * m
 
 
-def _person(rng: np.random.Generator, img: np.ndarray, hands: list[np.ndarray]) -> None:
-    """A crewman seen from above, his body cut by the frame edge, arms reaching to `hands`."""
+def _gear_over(rng: np.random.Generator, img: np.ndarray, fish: Laid) -> None:
+    """Gear left lying over part of a fish: a hose across its body, or a bucket set down on one end."""
+    at, length = _on_fish(rng, fish.M), fish.length
+    if rng.random() < 0.5:
+        t = rng.uniform(0, 2 * np.pi)
+        d, across = np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
+        half, bend = rng.uniform(0.8, 1.5) * length, across * rng.normal(0, 0.25) * length
+        curve = _bezier(np.array([at - d * half, at - d * half / 3 + bend, at + d * half / 3 - bend, at + d * half]))
+        hose = _pick(rng, PAINT_COLOURS)
+        thick = max(2, int(rng.uniform(0.07, 0.12) * length))
+        cv2.polylines(img, _pts(curve + 1), False, (hose * 0.3).tolist(), thick, cv2.LINE_AA, shift=3)
+        cv2.polylines(img, _pts(curve), False, hose.tolist(), thick, cv2.LINE_AA, shift=3)
+    else:
+        end = fish.M @ np.array([PEDUNCLE_X + (0.0 if rng.random() < 0.5 else BODY_LEN), MID_Y, 1.0])
+        r, colour = rng.uniform(0.2, 0.32) * length, _pick(rng, GEAR_COLOURS)
+        cv2.circle(img, _ipt(end), max(2, int(r)), colour.tolist(), -1, cv2.LINE_AA)
+        cv2.circle(img, _ipt(end), max(1, int(r * 0.8)), (colour * 0.55).tolist(), -1, cv2.LINE_AA)
+
+
+def _person(rng: np.random.Generator, img: np.ndarray, hands: list[np.ndarray], glove_cap: float) -> None:
+    """A crewman seen from above, an arm's length from what he handles, arms reaching to `hands`.
+
+    He is sized by the frame (the camera's distance), not by the fish; his gloves are capped at `glove_cap`
+    pixels so that a small fish in his hands is held, not hidden.
+    """
     h, w = img.shape[:2]
     s = float(min(h, w))
     target = np.mean(hands, axis=0)
-    body = {0: [target[0], -0.05 * s], 1: [w + 0.05 * s, target[1]], 2: [target[0], h + 0.05 * s],
-            3: [-0.05 * s, target[1]]}[int(rng.integers(4))]
-    body = np.array(body) + rng.uniform(-0.15, 0.15, 2) * s
+    t = rng.uniform(0, 2 * np.pi)
+    body = target + np.array([np.cos(t), np.sin(t)]) * rng.uniform(0.24, 0.36) * s
     facing = target - body
     facing /= np.linalg.norm(facing) + 1e-6
     across = np.array([-facing[1], facing[0]])
     jacket = _pick(rng, GEAR_COLOURS) * rng.uniform(0.7, 1.0)
     glove = _pick(rng, GEAR_COLOURS)
     for sign, hand in zip((-1, 1), hands, strict=True):
-        shoulder = body + across * sign * 0.16 * s + facing * 0.05 * s
-        arm = max(3, int(0.05 * s))
-        cv2.line(img, _ipt(shoulder), _ipt(hand), (jacket * 0.85).tolist(), arm, cv2.LINE_AA)
-    cv2.ellipse(img, _ipt(body), (int(0.13 * s), int(0.22 * s)),
+        shoulder = body + across * sign * 0.11 * s + facing * 0.04 * s
+        cv2.line(img, _ipt(shoulder), _ipt(hand), (jacket * 0.85).tolist(), max(2, int(0.035 * s)), cv2.LINE_AA)
+    cv2.ellipse(img, _ipt(body), (max(2, int(0.09 * s)), max(2, int(0.15 * s))),
                 float(np.degrees(np.arctan2(facing[1], facing[0]))), 0, 360, jacket.tolist(), -1, cv2.LINE_AA)
     hat = _pick(rng, GEAR_COLOURS) if rng.random() < 0.6 else _rgb(170, 125, 95)
-    cv2.circle(img, _ipt(body + facing * 0.12 * s), int(0.08 * s), hat.tolist(), -1, cv2.LINE_AA)
+    cv2.circle(img, _ipt(body + facing * 0.08 * s), max(2, int(0.055 * s)), hat.tolist(), -1, cv2.LINE_AA)
     for hand in hands:
-        _glove(rng, img, hand, glove)
+        _glove(rng, img, hand, glove, min(0.03 * s, glove_cap))
 
 
 def _clutter(rng: np.random.Generator, img: np.ndarray, most: int = 3) -> None:
@@ -722,23 +937,38 @@ def _clutter(rng: np.random.Generator, img: np.ndarray, most: int = 3) -> None:
         x, y = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
         kind = rng.integers(3)
         if kind == 0:
-            r = rng.uniform(0.04, 0.07) * w
+            r = rng.uniform(0.015, 0.03) * w
             col = _pick(rng, GEAR_COLOURS)
-            cv2.circle(img, (int(x), int(y)), int(r), col.tolist(), -1, cv2.LINE_AA)
-            cv2.circle(img, (int(x), int(y)), int(r * 0.8), (col * 0.55).tolist(), -1, cv2.LINE_AA)
+            cv2.circle(img, (int(x), int(y)), max(2, int(r)), col.tolist(), -1, cv2.LINE_AA)
+            cv2.circle(img, (int(x), int(y)), max(1, int(r * 0.8)), (col * 0.55).tolist(), -1, cv2.LINE_AA)
         elif kind == 1:
-            stain = np.zeros(img.shape[:2], np.float32)
+            window = _window(img, np.array([x, y]), 0.12 * w)
+            stain = np.zeros((window[0].stop - window[0].start, window[1].stop - window[1].start), np.float32)
             for _ in range(4):
-                centre = (int(x + rng.normal(0, 0.03 * w)), int(y + rng.normal(0, 0.03 * w)))
-                axes = (int(rng.uniform(0.02, 0.06) * w), int(rng.uniform(0.01, 0.04) * w))
+                centre = (int(x + rng.normal(0, 0.02 * w)) - window[1].start,
+                          int(y + rng.normal(0, 0.02 * w)) - window[0].start)
+                axes = (int(rng.uniform(0.01, 0.04) * w), int(rng.uniform(0.008, 0.025) * w))
                 cv2.ellipse(stain, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
             tint = _rgb(90, 15, 15) if rng.random() < 0.5 else img[int(y), int(x)] * 0.6
-            img += (tint - img) * (0.45 * cv2.GaussianBlur(stain, (0, 0), 2.0))[..., None]
+            img[window] += (tint - img[window]) * (0.45 * cv2.GaussianBlur(stain, (0, 0), 2.0))[..., None]
         else:
             angle = rng.uniform(0, 2 * np.pi)
-            end = (x + np.cos(angle) * 0.12 * w, y + np.sin(angle) * 0.12 * w)
-            cv2.line(img, (int(x), int(y)), _ipt(end), (0.75, 0.75, 0.78), 2, cv2.LINE_AA)
-            cv2.circle(img, (int(x), int(y)), max(2, int(0.012 * w)), (0.12, 0.1, 0.1), -1, cv2.LINE_AA)
+            end = (x + np.cos(angle) * 0.06 * w, y + np.sin(angle) * 0.06 * w)
+            cv2.line(img, (int(x), int(y)), _ipt(end), (0.75, 0.75, 0.78), max(1, int(0.004 * w)), cv2.LINE_AA)
+            cv2.circle(img, (int(x), int(y)), max(2, int(0.008 * w)), (0.12, 0.1, 0.1), -1, cv2.LINE_AA)
+
+
+def _sensor_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Gaussian noise of spread `sigma`, float32, seeded from `rng`.
+
+    OpenCV's generator (seeded here, so the frame stays a function of its own generator) draws a 640-pixel
+    frame's noise about three times faster than numpy's, and noise is most of a frame's drawing time.
+    """
+    out = np.empty(shape, np.float32)
+    cv2.setRNGSeed(int(rng.integers(2**31)))
+    channels = shape[2] if len(shape) == 3 else 1
+    cv2.randn(out, (0.0,) * channels, (sigma,) * channels)
+    return out
 
 
 def _night_vision(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
@@ -747,52 +977,102 @@ def _night_vision(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     lum = img @ np.array([0.3, 0.59, 0.11], np.float32)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     lamp = 1.15 - 0.6 * ((xs / w - rng.uniform(0.3, 0.7)) ** 2 + (ys / h - rng.uniform(0.3, 0.7)) ** 2)
-    lum = (0.16 + 0.6 * np.power(lum, 0.7)) * lamp + 0.045 * rng.standard_normal((h, w), dtype=np.float32)
+    lum = (0.16 + 0.6 * np.power(lum, 0.7)) * lamp + _sensor_noise(rng, (h, w), 0.045)
     return lum[..., None] * np.array([0.55, 1.0, 0.5], np.float32) * rng.uniform(0.8, 1.2)
 
 
-def _nudge(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """A small move of a handled fish between frames: a few degrees, a few per cent of the frame."""
-    centre = rng.uniform([0.3 * w, 0.3 * h], [0.7 * w, 0.7 * h])
-    M = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(rng.normal(0, 4)), 1.0)
-    M[:, 2] += rng.normal(0, 0.02, 2) * [w, h]
+def _nudge(rng: np.random.Generator, centre: np.ndarray, length: float) -> np.ndarray:
+    """A small move of a handled fish between frames: turned a few degrees about its middle, shifted a little."""
+    M = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(rng.normal(0, 5)), 1.0)
+    M[:, 2] += rng.normal(0, 0.05, 2) * length
     return M
 
 
+def _lay_catch(scene: np.random.Generator, frame: np.random.Generator, img: np.ndarray, boat: Boat,
+               label: str) -> list[Laid]:
+    """The fish of one frame, main catch last (on top); extras are placed clear of each other's boxes.
+
+    Every placement is drawn from `scene` before the frame's nudge moves the main fish, so the frames of a
+    burst draw the same numbers in the same order and show the same haul.
+    """
+    h, w = img.shape[:2]
+    n = _count_fish(scene, label)
+    main = fish_sprite(scene, label, w, boat.fish_scale)
+    centre, angle = _spot(scene, w, h, main.length, None)
+    placed = [(main, centre, angle, footprint(main, centre, angle))]
+    for _ in range(n - 1):
+        sprite = fish_sprite(scene, label, w, boat.fish_scale * scene.uniform(0.85, 1.05))
+        for _try in range(12):
+            c, a = _spot(scene, w, h, sprite.length, (centre, angle, main.length))
+            if not (0 <= c[0] < w and 0 <= c[1] < h):
+                continue
+            box = footprint(sprite, c, a)
+            if all(_box_iou(box, other[3]) < 0.25 for other in placed):
+                placed.append((sprite, c, a, box))
+                break
+    laid = [lay_fish(img, s, fish_matrix(s, c, a), boat.shadow) for s, c, a, _ in placed[1:]]
+    nudge = _nudge(frame, centre, main.length)
+    laid.append(lay_fish(img, main, fish_matrix(main, centre, angle, nudge), boat.shadow))
+    return laid
+
+
+def _cover(img: np.ndarray, main: Laid | None, draw) -> np.ndarray:
+    """`draw` (crew or gear) applied to a copy of `img`, kept unless it leaves less than MIN_VISIBLE of the
+    main fish in view: the frame's label must still be visible. `draw` consumes its generator either way, so
+    every frame of a burst stays in step."""
+    trial = img.copy()
+    draw(trial)
+    return trial if main is None or visible_share(trial, main) >= MIN_VISIBLE else img
+
+
 def draw_scene(scene: np.random.Generator, frame: np.random.Generator, boat: Boat, label: str,
-               night: bool) -> np.ndarray:
-    """One frame from `boat`'s camera with fish of class `label` (none for NoF): RGB uint8 (H, W, 3).
+               night: bool) -> Frame:
+    """One frame from `boat`'s camera with fish of class `label` (none for NoF), and their true boxes.
 
     `scene` draws what a burst of frames shares (the fish, the crew, the loose gear): give every frame of one
     catch a generator in the same state. `frame` draws what changes from frame to frame: the mast's sway,
-    the fish moved by hand, the light, the sensor noise and the blur.
+    the fish moved by hand, the light, the sensor noise and the blur. A fish's box is its whole body, the
+    parts that crew or gear hide included, as a person drawing boxes would draw it.
     """
     w, h = boat.width, boat.height
-    shake = np.float32([[1, 0, frame.uniform(-3, 3)], [0, 1, frame.uniform(-3, 3)]])  # the mast sways
+    sway = frame.uniform(-SWAY, SWAY, 2) * w
+    shake = np.float32([[1, 0, sway[0]], [0, 1, sway[1]]])  # the mast sways
     img = cv2.warpAffine(boat.deck, shake, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     _clutter(scene, img, 3 if label == "NoF" else 1)
     hands = [scene.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h]) for _ in range(2)]
+    fish: list[Laid] = []
+    main = None
+    glove_cap = 0.03 * min(w, h)
     if label != "NoF":
-        for _ in range(int(scene.choice(len(EXTRA_FISH), p=EXTRA_FISH))):  # first, so the main fish is on top
-            place_fish(scene, img, label, boat.shadow, scale=scene.uniform(0.7, 1.0))
-        M = place_fish(scene, img, label, boat.shadow, nudge=_nudge(frame, w, h))
-        hands = [_on_fish(scene, M) for _ in range(2)]
+        fish = _lay_catch(scene, frame, img, boat, label)
+        main = fish[-1]
+        # The crew take a fish by the tail and by the head or gills, which leaves its middle in view.
+        hands = [_on_fish(scene, main.M, 0.0, 0.15), _on_fish(scene, main.M, 0.75, 0.95)]
+        glove_cap = GLOVE_CAP * main.length
         cover = scene.random()
-        if cover < 0.12:
-            _glove(scene, img, hands[0], _pick(scene, GEAR_COLOURS))
-        elif cover < 0.18:
-            _net(scene, img, hands[0])
+        if cover < GLOVE_SHARE:  # a hand holding the fish, its arm out of the frame or out of the light
+            hand, colour = hands[int(scene.integers(2))], _pick(scene, GEAR_COLOURS)
+            img = _cover(img, main, lambda im: _glove(scene, im, hand, colour, min(0.03 * min(w, h), glove_cap)))
+        elif cover < GLOVE_SHARE + NET_SHARE:
+            img = _cover(img, main, lambda im: _net(scene, im, _on_fish(scene, main.M), main.length))
+        elif cover < GLOVE_SHARE + NET_SHARE + GEAR_SHARE:
+            under = fish[int(scene.integers(len(fish)))]
+            img = _cover(img, main, lambda im: _gear_over(scene, im, under))
     # Crew show up in most empty frames (sorting, hosing down) and handle the catch in some of the others.
-    if scene.random() < (0.4 if label == "NoF" else 0.12):
-        _person(scene, img, hands)
-    img *= boat.light * frame.uniform(0.9, 1.1) * frame.uniform(0.95, 1.05, 3).astype(np.float32)
+    if scene.random() < (0.4 if label == "NoF" else PERSON_SHARE):
+        img = _cover(img, main, lambda im: _person(scene, im, hands, glove_cap))
+    visible = np.array([visible_share(img, f) for f in fish])
+    # In place and through OpenCV: at 640 pixels these full-frame passes, not the fish, are the demo's cost.
+    img *= boat.light
+    img *= (frame.uniform(0.9, 1.1) * frame.uniform(0.95, 1.05, 3)).astype(np.float32)
     if night:
         img = _night_vision(frame, img)
     else:
-        img += frame.standard_normal(img.shape, dtype=np.float32) * np.float32(frame.uniform(0.006, 0.018))
+        img += _sensor_noise(frame, img.shape, float(frame.uniform(0.006, 0.018)))
     if frame.random() < 0.15:  # the lens fogs or the boat rolls during the exposure
         img = cv2.GaussianBlur(img, (0, 0), frame.uniform(0.6, 1.2))
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    boxes = np.array([f.box for f in fish], np.float64).reshape(-1, 4)
+    return Frame(cv2.convertScaleAbs(np.maximum(img, 0, out=img), alpha=255.0), boxes, visible)
 
 
 # ----------------------------------------------------------------------------------------- the files
@@ -810,7 +1090,12 @@ def event_rng(seed: int, event: int) -> np.random.Generator:
     return np.random.default_rng([seed, 3, event])
 
 
-def draw_row(seed: int, row, boats: dict[int, Boat]) -> np.ndarray:
+def label_rng(seed: int, key: int) -> np.random.Generator:
+    """The person drawing one image's boxes: apart from the drawing's generators, so boxes never move pixels."""
+    return np.random.default_rng([seed, 4, key])
+
+
+def draw_row(seed: int, row, boats: dict[int, Boat]) -> Frame:
     """The frame of one `plan` row (a named tuple), from its event's scene and its own frame generator."""
     return draw_scene(event_rng(seed, row.event), image_rng(seed, row.key), boats[row.boat], row.label,
                       bool(row.night))
@@ -832,6 +1117,49 @@ def sample_submission(images: list[str]) -> pd.DataFrame:
     return frame[list(SUBMISSION_HEADER)]
 
 
+def _seen(frame: Frame) -> np.ndarray:
+    """The boxes of the fish a person would box: those at least MIN_BOXED in view."""
+    return frame.boxes[frame.visible >= MIN_BOXED]
+
+
+def hand_drawn(rng: np.random.Generator, box: np.ndarray) -> dict:
+    """A Sloth rectangle around `box` as a person drags it: each edge off by about LABEL_JITTER of the box's
+    side, in floats of the original frame's pixels (so a box at the frame's edge may start at a negative x)."""
+    x, y, w, h = box
+    dx0, dx1, dy0, dy1 = rng.normal(0.0, LABEL_JITTER, 4) * [w, w, h, h]
+    width, height = max(1.0, w + dx1 - dx0), max(1.0, h + dy1 - dy0)
+    return {"class": "rect", "x": round(float(x + dx0), 1), "y": round(float(y + dy0), 1),
+            "width": round(float(width), 1), "height": round(float(height), 1)}
+
+
+def sloth_files(seed: int, rows: pd.DataFrame, frames: dict[int, Frame]) -> dict[str, list[dict]]:
+    """The community's annotation files for the training frames: file name -> list of Sloth image entries.
+
+    One file per class with fish (none for NoF), entries sorted by file name, one rectangle per fish that is
+    in view. A few entries (EMPTY_ENTRY_SHARE) have an empty list, as in the real files: an image skipped by
+    the person drawing. The true boxes of the test frames are kept apart, in solution_boxes.csv.
+    """
+    files: dict[str, list[dict]] = {name: [] for name in ANNOTATION_FILES.values()}
+    train = rows[(rows.split == "train") & (rows.label != "NoF")].sort_values("image")
+    for row in train.itertuples(index=False):
+        rng = label_rng(seed, row.key)
+        skipped = rng.random() < EMPTY_ENTRY_SHARE
+        rects = [] if skipped else [hand_drawn(rng, box) for box in _seen(frames[row.key])]
+        files[ANNOTATION_FILES[row.label]].append({"filename": row.image, "class": "image", "annotations": rects})
+    return files
+
+
+def solution_boxes(rows: pd.DataFrame, frames: dict[int, Frame]) -> pd.DataFrame:
+    """True boxes of the test frames' fish in view: `image,stage,x,y,width,height`, one row per fish, in
+    original-frame pixels and not clipped (ingest clips them to the frame), sorted by stage, image, x, y."""
+    out = []
+    for row in rows[rows.split != "train"].itertuples(index=False):
+        stage = 1 if row.split == "test_stg1" else 2
+        out += [(row.image, stage, *map(float, box)) for box in _seen(frames[row.key])]
+    frame = pd.DataFrame(out, columns=["image", "stage", "x", "y", "width", "height"])
+    return frame.sort_values(["stage", "image", "x", "y"], kind="stable").reset_index(drop=True)
+
+
 def write_demo(cfg: Demo, out_dir: Path | str) -> pd.DataFrame:
     """Draw every planned image and write the whole folder; returns the plan.
 
@@ -845,11 +1173,13 @@ def write_demo(cfg: Demo, out_dir: Path | str) -> pd.DataFrame:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    for folder in [*(f"train/{c}" for c in FISH_CLASSES), "test_stg1", "test_stg2"]:
+    for folder in [*(f"train/{c}" for c in FISH_CLASSES), "test_stg1", "test_stg2", ANNOTATIONS]:
         (tmp / folder).mkdir(parents=True)
+    frames: dict[int, Frame] = {}
     for row in rows.itertuples(index=False):
-        image = draw_row(cfg.seed, row, boats)
-        (tmp / row.path).write_bytes(encode_jpeg(image))
+        frame = draw_row(cfg.seed, row, boats)
+        (tmp / row.path).write_bytes(encode_jpeg(frame.image))
+        frames[row.key] = Frame(np.empty(0, np.uint8), frame.boxes, frame.visible)  # the boxes, not the pixels
 
     stg1, stg2 = rows[rows.split == "test_stg1"], rows[rows.split == "test_stg2"]
     sample_submission(list(stg1.image)).to_csv(tmp / "sample_submission_stg1.csv", index=False)
@@ -857,8 +1187,11 @@ def write_demo(cfg: Demo, out_dir: Path | str) -> pd.DataFrame:
     solution = rows[rows.split != "train"].assign(stage=lambda d: np.where(d.split == "test_stg1", 1, 2))
     solution = solution.sort_values(["stage", "image"])[["image", "label", "stage"]]
     solution.to_csv(tmp / "solution.csv", index=False)
+    solution_boxes(rows, frames).to_csv(tmp / "solution_boxes.csv", index=False)
     rows.sort_values(["split", "image"])[["image", "split", "boat", "event"]].to_csv(tmp / "boats.csv",
                                                                                      index=False)
+    for name, entries in sloth_files(cfg.seed, rows, frames).items():
+        (tmp / ANNOTATIONS / name).write_text(json.dumps(entries, indent=1) + "\n")
 
     if out_dir.exists():
         shutil.rmtree(out_dir)

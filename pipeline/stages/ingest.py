@@ -6,6 +6,10 @@ submissions before decoding anything, decodes every file once in parallel (bad f
 with their reason, the run goes on), writes the resized images into a memory-mapped `.npy` so real-size data
 never has to fit in memory, clusters the frames into boat groups, looks for exact and near duplicates, and
 writes the manifest, the normalised sample submissions, the solution and `reports/ingest_report.json`.
+The community's box annotations (`data.annotations_dir`, Sloth JSON, `pipeline.core.annotations`) are parsed
+before decoding, so broken JSON fails in seconds, and matched to the training images after it: their boxes,
+clipped to the frame, go to `paths.boxes`, the test images' true boxes (the demo has them) to
+`paths.solution_boxes`, and the report's `annotations` section says what became of every file and entry.
 Every output is written to a temporary name and renamed into place. See docs/ARCHITECTURE.md for formats.
 """
 
@@ -22,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.core import annotations as boxes_of
 from pipeline.core import boat_groups as groups
 from pipeline.core.competition import FISH_CLASSES
 from pipeline.core.decode import decode_all
@@ -60,12 +65,13 @@ def _rel(path: Path, root: Path) -> str:
 
 def locate(data: Data, ingest: Ingest, paths: Paths, root: Path) -> Sources:
     if data.source == "demo":
-        return locate_demo(root / data.demo_dir)
+        return locate_demo(root / data.demo_dir, data.annotations_dir)
     return locate_kaggle(
         root / data.kaggle_dir,
         root / paths.interim / "extracted",
         ingest.max_archive_bytes,
         ingest.max_archive_entries,
+        data.annotations_dir,
     )
 
 
@@ -208,6 +214,7 @@ def run(s: Settings, root: Path | str = ".") -> dict:
     cands, quarantine, ignored = list_candidates(sources.dirs)
     samples = load_samples(sources, cands)  # before decoding: a mismatched download fails in seconds
     solution = read_solution(sources.solution)
+    folder = _annotations(sources.annotations)  # broken JSON too
     true_boats: dict[tuple[str, str], str] = {}
     if sources.boats is not None:
         boats = pd.read_csv(sources.boats, dtype=str)
@@ -231,11 +238,18 @@ def run(s: Settings, root: Path | str = ".") -> dict:
     manifest["group"], grouping = group_frames(manifest, valid, ingest)
     report.update(grouping)
     t_groups = time.perf_counter() - t2
+    quarantined_train = {Path(q["path"]).name for q in quarantine if q["split"] == "train"}
+    boxes, report["annotations"] = boxes_of.match(folder, manifest, quarantined_train)
+    if folder.path is not None:
+        report["annotations"]["folder"] = _rel(folder.path, root)
+    solution_boxes, report["solution_boxes"] = _solution_boxes(sources.solution_boxes, manifest, root)
 
     write_csv(root / paths.manifest, manifest)
     write_csv(root / paths.sample_stg1, samples["stg1"])
     write_csv(root / paths.sample_stg2, samples["stg2"])
     write_csv(root / paths.solution, solution)
+    write_csv(root / paths.boxes, boxes)
+    write_csv(root / paths.solution_boxes, solution_boxes)
     images = np.load(root / paths.images, mmap_mode="r")
     w, h = manifest.width.to_numpy(), manifest.height.to_numpy()
     fig = groups.plot_groups(images, manifest.group.to_numpy(), w, h)
@@ -247,17 +261,41 @@ def run(s: Settings, root: Path | str = ".") -> dict:
     return report
 
 
+def _annotations(folder: Path | None) -> boxes_of.Folder:
+    try:
+        return boxes_of.load_folder(folder)
+    except boxes_of.AnnotationError as exc:
+        raise IngestError(str(exc)) from exc
+
+
+def _solution_boxes(path: Path | None, manifest: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, dict]:
+    try:
+        frame, section = boxes_of.read_solution_boxes(path, manifest)
+    except boxes_of.AnnotationError as exc:
+        raise IngestError(str(exc)) from exc
+    if path is not None:
+        section["file"] = _rel(path, root)
+    return frame, section
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = load(Settings, stage_parser(__doc__).parse_args(argv).params)
     try:
         report = run(settings)
     except IngestError as exc:
         sys.exit(f"ingest: {exc}")
-    g, ari = report["groups"], report["ari_vs_true_boats"]
+    g, ari, a = report["groups"], report["ari_vs_true_boats"], report["annotations"]
     print(
         f"ingest: {report['counts']} images, {report['quarantined']} quarantined, "
         f"{len(report['refused_entries'])} archive entries refused, {g['n_groups']} boat groups"
         + (f", ARI vs true boats {ari:.3f}" if ari is not None else "")
+    )
+    print(
+        f"ingest: {a['boxes']} boxes on {a['images_with_boxes']} training images"
+        + (f" from {len(a['files'])} annotation files" if a["found"] else f" ({a['note']})")
+        + f"; {a['unmatched']['count']} unmatched entries, {a['clipped']['count']} boxes clipped, "
+        f"{a['off_frame']['count']} off the frame, {len(a['ignored_files'])} files ignored; "
+        f"{report['solution_boxes']['boxes']} true test boxes"
     )
 
 
