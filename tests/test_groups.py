@@ -115,6 +115,23 @@ def test_duplicates_exact_and_near_within_train_and_across():
     assert strict["near_train_test"]["pairs"] >= 1  # t1 carries a's hashes
 
 
+def test_bursts_chain_near_duplicates_within_a_split_only():
+    rng = np.random.default_rng(1)
+    dh = rng.integers(0, 256, (7, 8), dtype=np.uint8)
+    dh[1] = dh[0] ^ np.eye(1, 8, 0, dtype=np.uint8)[0]  # 1 bit from frame 0
+    dh[2] = dh[1] ^ np.eye(1, 8, 3, dtype=np.uint8)[0]  # 1 bit from frame 1, 2 from frame 0: chained
+    dh[3] = dh[0]  # identical to frame 0, but in another split
+    dh[5] = dh[4]
+    ah = dh.copy()
+    splits = np.array(["train", "train", "train", "test_stg1", "test_stg2", "test_stg2", "test_stg2"])
+    burst = groups.bursts(dh, ah, splits, max_bits=1)
+    assert burst.tolist() == [0, 0, 0, 1, 2, 2, 3]  # numbered by first frame; frame 6 alone
+    assert groups.bursts(dh, ah, splits, max_bits=0).tolist() == [0, 1, 2, 3, 4, 4, 5]
+    s = groups.summarise_bursts(burst, splits)
+    assert s["train"] == {"bursts": 1, "frames_in_bursts": 3, "largest": [3]}
+    assert s["test_stg2"]["frames_in_bursts"] == 2
+
+
 def test_summary_counts_groups_and_shared_test_groups():
     g = np.array([0, 0, 1, 2, 2, 3])
     splits = np.array(["train", "train", "train", "test_stg1", "train", "test_stg2"])

@@ -3,7 +3,8 @@
 Columns (docs/ARCHITECTURE.md): `id` (unique within its split: train and stage-1 bare `img_XXXXX.jpg`,
 stage-2 `test_stg2/image_XXXXX.jpg`, i.e. the submission's names; a training image may share a stage-1
 image's file name, as in many competitions' downloads), `split`, `path`, `label` (train only),
-`width`, `height`, `group` (estimated boat), `sha1`, `true_boat` (demo only). Row i is image i of every array
+`width`, `height`, `group` (estimated boat), `burst` (near-duplicate cluster within the split: the frames
+of one catch), `sha1`, `true_boat` (demo only). Row i is image i of every array
 cache (`paths.images`, `paths.views`).
 """
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from pipeline.core.competition import FISH_CLASSES, class_index
 
-COLUMNS: tuple[str, ...] = ("id", "split", "path", "label", "width", "height", "group", "sha1", "true_boat")
+COLUMNS: tuple[str, ...] = ("id", "split", "path", "label", "width", "height", "group", "burst", "sha1", "true_boat")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
