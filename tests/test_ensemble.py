@@ -194,7 +194,8 @@ def _cfg(**changes):
     base = {
         "method": "weighted",
         "temperature": True,
-        "clip": True,
+        "smoothing": False,
+        "clip": "global",
         "prior": "train",
         "stacking_c": (0.01, 0.1, 1.0),
     }
@@ -221,28 +222,32 @@ def test_stage_writes_predictions_metrics_report_and_figure(tmp_path):
 
     metrics = json.loads(Path(paths.metrics).read_text())
     assert set(metrics["cv_logloss"]) == {*MODELS, "ensemble"}
-    assert set(metrics["methods"]) == set(E.METHODS) and metrics["method"] == "weighted"
-    assert metrics["cv_logloss"]["ensemble"] == metrics["methods"]["weighted"]
+    assert metrics["method"] == "weighted" and metrics["candidate"] == "weighted+temperature+clip"
+    # One basis: single models raw out of fold, the ensemble its nested CV (one candidate: nothing to choose).
+    assert metrics["cv_logloss"]["ensemble"] == metrics["cv_logloss_nested"]["ensemble"]
+    assert metrics["cv_logloss_in_sample"]["ensemble"] <= metrics["cv_logloss"]["ensemble"]
     assert metrics["cv_logloss"]["ensemble"] <= min(metrics["cv_logloss"][bb] for bb in MODELS)
     assert set(metrics["cv_accuracy"]) == {*MODELS, "ensemble"}
 
     saved = json.loads(Path(paths.ensemble_report).read_text())
     assert "mlflow_run_id" not in saved and saved["chosen"]["method"] == "weighted"  # outputs are pure
     assert saved["fitted"]["method"] == "weighted" and len(saved["fitted"]["model_temperatures"]) == len(MODELS)
-    assert set(saved["results"]) == {*(f"model:{bb}" for bb in MODELS), *E.METHODS}
-    assert (
-        "in-sample" in saved["results"]["weighted"]["fit"]
-        and "cross-fitted" in saved["results"]["stacking"]["fit"]
-    )
+    assert set(saved["results"]) == {*(f"model:{bb}" for bb in MODELS), "weighted"}
+    assert list(saved["candidates"]) == ["weighted+temperature+clip"] and saved["candidates"][
+        "weighted+temperature+clip"]["chosen"]
+    assert "in-sample" in saved["results"]["weighted"]["fit"]
     row = saved["results"]["weighted"]
-    assert row["oof_logloss_temperature_clip"] <= row["oof_logloss_temperature"] + 1e-12
     assert set(row["weights"]) == set(MODELS) and sum(row["weights"].values()) == pytest.approx(1.0)
-    assert report["table"].count("\n") >= len(MODELS) + len(E.METHODS)
-    # The written OOF file is the chosen method's OOF predictions, as scored.
+    assert report["table"].count("\n") >= len(MODELS) + 1
+    assert saved["pool"]["n_train"] == 240 and saved["pool"]["key"] == f"{saved['pool']['data']}-" \
+        f"{saved['pool']['folds']}"
+    # The written OOF file is what the headline CV scores: each fold predicted by a fit that never saw it.
     y = train_labels(read_manifest(paths.manifest), oof["id"].to_numpy())
     assert kaggle_log_loss(y, oof[list(FISH_CLASSES)].to_numpy()) == pytest.approx(
-        row["oof_logloss"], rel=1e-6
+        saved["chosen"]["cv_logloss"], rel=1e-6
     )
+    baselines = saved["baselines"]
+    assert baselines["class_prior_oof"] > baselines["class_prior"]  # fit on the scored rows, the prior flatters
 
 
 def test_prior_correction_changes_test_predictions_only(tmp_path):
@@ -287,7 +292,9 @@ def test_main_records_an_mlflow_run_tagged_with_the_reports_digest(tmp_path, mon
     run = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run_id)
     assert run.info.run_name.startswith("ensemble")
     assert run.data.params["ensemble.method"] == "stacking"
-    assert run.data.metrics["oof_logloss.chosen"] == pytest.approx(report["chosen"]["oof_logloss"])
+    assert run.data.metrics["oof_logloss.chosen"] == pytest.approx(report["chosen"]["oof_logloss_in_sample"])
+    assert run.data.metrics["cv_logloss"] == pytest.approx(report["chosen"]["cv_logloss"])
+    assert run.data.tags[tracking.POOL_TAG] == report["pool"]["key"]
     assert "oof_logloss.stacking" in run.data.metrics and "oof_logloss.model.vgg16" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient(tracking.tracking_uri()).list_artifacts(run_id)}
     assert {"figures", "ensemble_report.json"} <= artifacts
@@ -296,11 +303,12 @@ def test_main_records_an_mlflow_run_tagged_with_the_reports_digest(tmp_path, mon
 def test_clip_without_temperature_is_scored_as_configured():
     stack, y, folds = synthetic_stack(n=200, seed=8)
     preds = Predictions(tuple(MODELS), np.arange(200).astype(str), folds, stack, {})
-    rows, fits = E.evaluate(preds, y, _cfg(method="mean", temperature=False, clip=True), nested=False)
-    row = rows["mean"]
-    assert fits["mean"][0].model_temperatures == (1.0, 1.0, 1.0) and fits["mean"][0].temperature == 1.0
-    assert row["oof_logloss"] <= row["oof_logloss_uncalibrated"] + 1e-12
-    assert row["oof_logloss_nested_cv"] is None
+    ev = E.evaluate(preds, y, _cfg(method="mean", temperature=False, clip="global"), nested=False)
+    assert ev.fitted.model_temperatures == (1.0, 1.0, 1.0) and ev.fitted.temperature == 1.0
+    row = ev.candidates["mean+clip"]
+    assert row["oof_logloss"] <= kaggle_log_loss(y, E.combine_mean(stack, np.full(3, 1 / 3))) + 1e-12
+    assert row["oof_logloss_nested_cv"] is None and ev.nested is None
+    assert ev.headline_basis.startswith("in-sample")
 
 
 def test_the_stackers_own_prediction_is_scikit_learns():

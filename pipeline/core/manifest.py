@@ -44,3 +44,15 @@ def train_labels(manifest: pd.DataFrame, ids: np.ndarray | None = None, where: s
             raise ValueError(f"{len(missing)} ids are not training images of {where}, e.g. {missing[0]!r}")
         train = train.loc[ids]
     return labels_of(train, where)
+
+
+def bursts_of(manifest: pd.DataFrame, split: str, ids: np.ndarray, where: str | Path = "the manifest") -> np.ndarray:
+    """The `burst` of the images `ids` of `split`, in that order (the ensemble's smoothing groups)."""
+    if "burst" not in manifest.columns:
+        raise ValueError(f"{where} has no burst column (written by ingest since smoothing over bursts): "
+                         "run the ingest stage again")
+    bursts = manifest[manifest["split"] == split].set_index("id")["burst"]
+    missing = [i for i in ids if i not in bursts.index]
+    if missing:
+        raise ValueError(f"{len(missing)} ids are not {split} images of {where}, e.g. {missing[0]!r}")
+    return bursts.loc[ids].to_numpy(dtype=np.int64)
