@@ -175,11 +175,13 @@ def benchmarks(reports: Path) -> str:
     for key, what in BENCH.items():
         if key in bench:
             row = bench[key]
-            lines.append(f"| `{key}` | {row['value']:.3g} | {_target(row.get('target'))} | {what} | {row['note']} |")
+            when = f" ({row['date']})" if row.get("date") else ""
+            lines.append(f"| `{key}` | {row['value']:.3g} | {_target(row.get('target'))} | {what} "
+                         f"| {row['note']}{when} |")
     machine = bench.get("_machine", {})
-    lines += ["", _para(f"From `reports/bench.json`: {machine.get('cpus', '?')} CPU cores, last run "
-                        f"{machine.get('date', '?')}{' (quick)' if machine.get('quick') else ''}; each row keeps "
-                        "the figures of the run that last measured it.")]
+    lines += ["", _para(f"From `reports/bench.json`, {machine.get('cpus', '?')} CPU cores. Each row keeps the "
+                        "figures of the run that last measured it: its own date where it records one, else "
+                        f"{machine.get('date', '?')}{' (quick)' if machine.get('quick') else ''}.")]
     return "\n".join(lines) + "\n"
 
 
