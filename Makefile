@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PYTEST_ARGS ?=
 
-.PHONY: venv repro test test-fast bench ui download submit lint browser clean
+.PHONY: venv repro test test-fast bench tables ui download submit lint browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m bench
+
+## README's result tables from reports/ (the candidate leaderboard first, when the source has a solution file).
+tables: venv
+	@test ! -s data/interim/solution.csv || $(PY) -m pipeline candidate_leaderboard
+	$(PY) -m pipeline readme_tables
 
 ## The MLflow UI on loopback only, against the project's tracking store.
 ui: venv

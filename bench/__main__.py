@@ -38,16 +38,19 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = read_json(OUT) if OUT.exists() else {}
     rows = []
+    # Each row carries its own date: a partial run (--only) replaces some rows and keeps the others.
+    date = time.strftime("%Y-%m-%d %H:%M")
     for name in args.only:
         started = time.perf_counter()
         module_rows = importlib.import_module(f"bench.{name}").run(quick=args.quick)
         for row in module_rows:
             row["module"] = name
+            row["date"] = date
             results[row["key"]] = row
         rows += module_rows
         print(f"[bench.{name}: {time.perf_counter() - started:.0f} s]")
     results["_machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "quick": args.quick,
-                           "date": time.strftime("%Y-%m-%d %H:%M")}
+                           "date": date}
     write_json(OUT, results)
     width = max(len(r["key"]) for r in rows)
     print(f"\n{'key':<{width}}  {'value':>9}  {'target':>7}  met  note")

@@ -136,8 +136,8 @@ def input_rates(aug_cfg, n, batch) -> list[dict]:
 
 def run(quick: bool = False) -> list[dict]:
     raw = config.read_params()
-    model_cfg: config.Model = config.load_section("model", raw)
-    aug_cfg: config.Augment = config.load_section("augment", raw)
+    model_cfg: config.Model = config.from_dict(config.Model, raw["model"], "model")
+    aug_cfg: config.Augment = config.from_dict(config.Augment, raw["augment"], "augment")
     gpu = _gpu_present()
     sizes = sorted({model_cfg.image_size, BIG})
     n = 64 if quick else (2048 if gpu else 256)

@@ -87,7 +87,7 @@ def race(paths: list[Path], workers: int, repeats: int) -> tuple[float, float]:
 
 def run(quick: bool = False) -> list[dict]:
     try:
-        workers = config.load_section("ingest").workers
+        workers = config.from_dict(config.Ingest, config.read_params()["ingest"], "ingest").workers
     except config.ConfigError:
         workers = 2  # run outside the repository root: the project default
     n, n_big = (120, 24) if quick else (300, 60)

@@ -8,8 +8,9 @@ params (`params`), the competition's fixed facts (`competition`), file formats (
 `submission`, `files`), the maths (`metrics`, `folds`, `calibration`, `ensembling`, `boat_groups`), the
 models (`backbones`, `heads`, `devices`, `augmentation`, `batches`), the input side (`sources`,
 `archives`, `decode`) and the MLflow side (`tracking`, `serving`). `pipeline.tools` are commands a user
-runs by hand and DVC never does (download, upload, validate, ui). `pipeline.generators` are the offline
-demo sources that stand in for downloads (the fisheries demo, run by dvc.yaml's `demo` stage, and the
-course cases' digits, cartoons and reviews). `python -m pipeline <command>` runs any stage or tool
-(`__main__`); docs/ARCHITECTURE.md has the same map with the file formats between the stages.
+runs by hand and DVC never does (download, upload, validate, ui, candidate_leaderboard, readme_tables).
+`pipeline.generators` are the offline demo sources that stand in for downloads (the fisheries demo, run by
+dvc.yaml's `demo` stage, and the course cases' digits, cartoons and reviews). `python -m pipeline <command>`
+runs any stage or tool (`__main__`); docs/ARCHITECTURE.md has the same map with the file formats between the
+stages.
 """

@@ -95,6 +95,7 @@ def synthetic_images(root: Path, raw: dict, n_train: int = 64, n_test: int = 12,
                 "width": size,
                 "height": size,
                 "group": i % 6,
+                "burst": i,  # every frame its own burst: no near duplicates to smooth over
                 "sha1": f"{i:040x}",
                 "true_boat": i % 6,
                 "_truth": label,
@@ -139,18 +140,21 @@ def synthetic_stack(n=300, models=None, n_folds=5, seed=0):
     return stack, y, folds
 
 
-def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_folds=4, seed=0, **overrides):
+def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_folds=4, seed=0, burst=1,
+                 **overrides):
     """A params.yaml under `root` plus everything the ensemble, submit and score stages read.
 
-    Returns the validated `paths` section and the true test labels by image name.
+    `burst` > 1: consecutive runs of that many training (and test) images share a label, a fold and a burst,
+    as the frames of one catch do. Returns the validated `paths` section and the true test labels by name.
     """
     raw = tiny_params(root, **{"model.backbones": list(backbones), **overrides})
     paths = from_dict(Paths, raw["paths"], "paths")
     rng = np.random.default_rng(seed)
-    y = rng.choice(K, n_train, p=TRAIN_SHARES)
-    folds = rng.permutation(np.arange(n_train) % n_folds)
-    y1 = rng.choice(K, n_test, p=TRAIN_SHARES)
-    y2 = rng.choice(K, n_test, p=STAGE2_SHARES)
+    y = np.repeat(rng.choice(K, -(-n_train // burst), p=TRAIN_SHARES), burst)[:n_train]
+    folds = np.repeat(rng.permutation(np.arange(-(-n_train // burst)) % n_folds), burst)[:n_train]
+    y1 = np.repeat(rng.choice(K, -(-n_test // burst), p=TRAIN_SHARES), burst)[:n_test]
+    y2 = np.repeat(rng.choice(K, -(-n_test // burst), p=STAGE2_SHARES), burst)[:n_test]
+    runs = np.arange(max(n_train, n_test)) // burst  # ids unique per split, and apart across splits below
     ids = [f"img_{i:05d}.jpg" for i in range(n_train)]
     ids1 = [f"img_{i:05d}.jpg" for i in range(n_train, n_train + n_test)]
     ids2 = [f"test_stg2/image_{i:05d}.jpg" for i in range(n_test)]
@@ -163,6 +167,7 @@ def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_
             "width": 320,
             "height": 180,
             "group": 0,
+            "burst": np.r_[runs[:n_train], runs[:n_test] + n_train, runs[:n_test] + n_train + n_test],
             "sha1": "0",
             "true_boat": "",
         }

@@ -115,6 +115,43 @@ def test_duplicates_exact_and_near_within_train_and_across():
     assert strict["near_train_test"]["pairs"] >= 1  # t1 carries a's hashes
 
 
+def test_bursts_are_mutual_near_duplicates_within_a_split_only():
+    rng = np.random.default_rng(1)
+    dh = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    bit = np.eye(1, 8, 0, dtype=np.uint8)[0]
+    dh[1] = dh[0] ^ bit  # 1 bit from frame 0
+    dh[2] = dh[1] ^ np.eye(1, 8, 3, dtype=np.uint8)[0]  # 1 bit from frame 1 but 2 from frame 0: a chain
+    dh[3] = dh[0]  # identical to frame 0, but in another split
+    dh[5] = dh[4]
+    dh[7] = dh[6] ^ bit  # two frames, one bit apart
+    ah = dh.copy()
+    splits = np.array(["train", "train", "train", "test_stg1", "test_stg2", "test_stg2", "train", "train"])
+    burst = groups.bursts(dh, ah, splits, max_bits=1)
+    # The chain 0-1-2 is cut (0 and 2 are not near duplicates); numbered by first frame; 3 alone in its split.
+    assert burst.tolist() == [0, 0, 1, 2, 3, 3, 4, 4]
+    assert groups.bursts(dh, ah, splits, max_bits=2).tolist() == [0, 0, 0, 1, 2, 2, 3, 3]
+    assert groups.bursts(dh, ah, splits, max_bits=0).tolist() == [0, 1, 2, 3, 4, 4, 5, 6]
+    s = groups.summarise_bursts(burst, splits)
+    assert s["train"] == {"bursts": 3, "frames_in_bursts": 4, "largest": [2, 2, 1]}
+    assert s["test_stg2"]["frames_in_bursts"] == 2
+
+
+def test_every_pair_of_a_burst_is_within_the_bits():
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 256, (1, 8), dtype=np.uint8)
+    # A random walk of single-bit flips: plain components would make it one long burst.
+    walk = [base[0]]
+    for i in range(30):
+        walk.append(walk[-1] ^ np.eye(1, 8, i % 8, dtype=np.uint8)[0] << (i % 5))
+    dh = np.stack(walk)
+    burst = groups.bursts(dh, dh.copy(), np.array(["train"] * len(dh)), max_bits=3)
+    assert len(set(burst.tolist())) > 1
+    for b in set(burst.tolist()):
+        members = np.flatnonzero(burst == b)
+        for i, j in itertools.combinations(members, 2):
+            assert np.unpackbits(dh[i] ^ dh[j]).sum() <= 3
+
+
 def test_summary_counts_groups_and_shared_test_groups():
     g = np.array([0, 0, 1, 2, 2, 3])
     splits = np.array(["train", "train", "train", "test_stg1", "train", "test_stg2"])

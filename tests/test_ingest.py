@@ -77,7 +77,7 @@ def test_kaggle_archives_end_to_end(tmp_path):
     assert set(manifest[manifest.split == "test_stg1"].id) == {Path(k).name for k in dl.stg1}
     assert set(manifest[manifest.split == "test_stg2"].id) == set(dl.stg2)  # prefixed test_stg2/<name>
     assert (manifest[manifest.split != "train"].label == "").all() and (manifest.true_boat == "").all()
-    assert manifest.id.is_unique and (manifest.group >= 0).all()
+    assert manifest.id.is_unique and (manifest.group >= 0).all() and (manifest.burst >= 0).all()
     assert manifest.set_index("id").loc["img_00001.jpg", ["width", "height"]].tolist() == [160, 96]
 
     images = np.load(tmp_path / paths.images, mmap_mode="r")
@@ -202,6 +202,10 @@ def test_demo_source_reports_group_agreement(tmp_path):
     assert (
         report["groups"]["test_groups_seen_in_train"]["test_stg2"] == 0
     )  # the new boat is a group of its own
+    for split in ("train", "test_stg1", "test_stg2"):  # bursts never span splits
+        others = set(manifest.burst[manifest.split != split])
+        assert not others & set(manifest.burst[manifest.split == split])
+    assert set(report["bursts"]) == {"train", "test_stg1", "test_stg2"}
     assert (tmp_path / paths.solution).read_text() == (demo / "solution.csv").read_text()
     assert pd.read_csv(tmp_path / paths.solution_boxes).values.tolist() == [
         ["img_00009.jpg", 1, 10.0, 20.0, 30.0, 15.0], ["test_stg2/image_00031.jpg", 2, 180.0, 100.0, 20.0, 20.0]]

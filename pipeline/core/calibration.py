@@ -1,4 +1,5 @@
-"""Calibration of class probabilities for a log-loss leaderboard: temperature, clipping, class priors.
+"""Calibration of class probabilities for a log-loss leaderboard: temperature, clipping, class priors, and
+smoothing over bursts of near-identical frames.
 
 Log loss punishes a confident mistake without limit, and networks trained on a few thousand near-duplicate
 frames are overconfident (NCFM.md: every strong team clipped or calibrated). Everything here is fit on
@@ -6,6 +7,13 @@ out-of-fold predictions only and is guaranteed never to raise the OOF log loss i
 and "no clipping" are always candidates, and a fitted setting is kept only when it scores lower. The
 class-prior correction is different: it is never fit, it re-weights test predictions from the training
 class mix to a target mix the user declares (stage 2's boats had a different one), so it has no OOF score.
+
+Clipping comes in two shapes: one floor and ceiling for every class (`fit_clip`, a grid search), or a floor
+per class on top of that (`fit_class_floors`, coordinate descent over the same grid of floors), which is what
+the strong entries did by hand (a higher floor for BET and YFT, the classes a confident ALB hides). Smoothing
+(`smooth`, `fit_smoothing`) mixes each frame's prediction with the mean over its burst (the frames of one
+catch, `pipeline.core.boat_groups.bursts`), as the 1st-place team averaged over visually similar frames; the
+mixing weight is fit on OOF rows whose bursts never cross a fold.
 
 All functions are pure and take (n, k) probability arrays in `FISH_CLASSES` order.
 """
@@ -29,6 +37,12 @@ BETA_BOUNDS = (0.02, 20.0)
 #: are; fast.ai's fisheries clip, [(1 - 0.82) / 7, 0.82], is on the grid.
 CLIP_FLOORS: tuple[float, ...] = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.015, 0.02, (1 - 0.82) / 7, 0.03, 0.05)
 CLIP_CEILINGS: tuple[float, ...] = (1.0, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.82, 0.8)
+
+#: Weights of the burst mean tried by `fit_smoothing` (1: every frame of a burst gets the burst's mean).
+SMOOTHING_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+
+#: Coordinate-descent sweeps over the classes in `fit_class_floors`; a third sweep changed nothing on the demo.
+CLASS_FLOOR_SWEEPS = 2
 
 
 def log_proba(proba: np.ndarray, floor: float = EPS) -> np.ndarray:
@@ -77,9 +91,25 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- clipping
 
 
-def apply_clip(proba: np.ndarray, floor: float, ceiling: float) -> np.ndarray:
-    """Clip every probability to [floor, ceiling], then renormalise each row (a submission must sum to 1)."""
-    return normalise_rows(np.clip(normalise_rows(proba), floor, ceiling))
+def apply_clip(proba: np.ndarray, floor: float | np.ndarray, ceiling: float) -> np.ndarray:
+    """Clip every probability to [floor, ceiling], then renormalise each row (a submission must sum to 1).
+
+    `floor` may be one number or one per class (a (k,) vector)."""
+    return normalise_rows(np.clip(normalise_rows(proba), np.asarray(floor, dtype=np.float64), ceiling))
+
+
+def _losses(variants: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kaggle's log loss of each of a stack of (n, k) predictions, at once (`kaggle_log_loss` per variant)."""
+    rows = np.arange(len(y))
+    true = variants[:, rows, y] / variants.sum(axis=2)
+    return -np.mean(np.log(np.clip(true, EPS, 1 - EPS)), axis=1)
+
+
+def _clipped(proba: np.ndarray, floors: np.ndarray, ceilings: np.ndarray) -> np.ndarray:
+    """(g, n, k) stack: `proba` clipped to each (floors[g], ceilings[g]); floors[g] may be per class."""
+    floors = np.asarray(floors, dtype=np.float64)
+    floors = floors[:, None, None] if floors.ndim == 1 else floors[:, None, :]
+    return np.clip(normalise_rows(proba)[None], floors, np.asarray(ceilings, dtype=np.float64)[:, None, None])
 
 
 def fit_clip(
@@ -90,16 +120,83 @@ def fit_clip(
 ) -> tuple[float, float]:
     """The (floor, ceiling) pair of the grid with the lowest log loss; (0, 1), i.e. no clipping, on ties."""
     k = proba.shape[1]
+    y = np.asarray(y, dtype=np.int64)
+    # A floor above 1/k or a ceiling below it cannot leave a valid probability vector.
+    pairs = [(f, c) for f in floors for c in ceilings if f < 1.0 / k < c and (f, c) != (0.0, 1.0)]
     best, best_loss = (0.0, 1.0), kaggle_log_loss(y, proba)
-    for floor in floors:
-        for ceiling in ceilings:
-            # A floor above 1/k or a ceiling below it cannot leave a valid probability vector.
-            if floor >= 1.0 / k or ceiling <= 1.0 / k or (floor, ceiling) == (0.0, 1.0):
-                continue
-            loss = kaggle_log_loss(y, apply_clip(proba, floor, ceiling))
-            if loss < best_loss - 1e-12:
-                best, best_loss = (floor, ceiling), loss
+    if not pairs:
+        return best
+    grid = np.array(pairs)
+    for pair, loss in zip(pairs, _losses(_clipped(proba, grid[:, 0], grid[:, 1]), y), strict=True):
+        if loss < best_loss - 1e-12:  # in grid order, as a plain loop over the pairs would
+            best, best_loss = pair, loss
     return best
+
+
+def fit_class_floors(
+    proba: np.ndarray,
+    y: np.ndarray,
+    floor: float,
+    ceiling: float,
+    grid: Sequence[float] = CLIP_FLOORS,
+    sweeps: int = CLASS_FLOOR_SWEEPS,
+) -> tuple[float, ...]:
+    """One floor per class, starting from the global `floor` (at the global `ceiling`): coordinate descent
+    over `grid`, a class's floor moving only when that strictly lowers the log loss, so the result is never
+    worse on these rows than the global clip it started from."""
+    k = proba.shape[1]
+    y = np.asarray(y, dtype=np.int64)
+    floors = np.full(k, float(floor))
+    best = kaggle_log_loss(y, apply_clip(proba, floors, ceiling))
+    values = [v for v in grid if v < min(ceiling, 1.0 / k)]
+    for _ in range(sweeps):
+        moved = False
+        for c in range(k):
+            # Every value of this class's floor at once; the others stay where they are.
+            trials = np.tile(floors, (len(values), 1))
+            trials[:, c] = values
+            losses = _losses(_clipped(proba, trials, np.full(len(values), ceiling)), y)
+            for value, loss in zip(values, losses, strict=True):
+                if loss < best - 1e-12:
+                    floors[c], best, moved = value, loss, True
+        if not moved:
+            break
+    return tuple(float(f) for f in floors)
+
+
+# ----------------------------------------------------------------------------------------- burst smoothing
+
+
+def smooth(proba: np.ndarray, groups: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * p + weight * (mean of p over the row's group); rows alone in their group are unchanged.
+
+    `groups` holds one key per row: the burst for a test set, (fold, burst) for OOF rows, so that smoothing
+    never mixes rows that different models predicted.
+    """
+    proba = normalise_rows(proba)
+    if weight == 0.0:
+        return proba
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    sums = np.zeros((len(counts), proba.shape[1]))
+    np.add.at(sums, inverse, proba)
+    return (1.0 - weight) * proba + weight * sums[inverse] / counts[inverse, None]
+
+
+def fit_smoothing(
+    proba: np.ndarray, y: np.ndarray, groups: np.ndarray, temperature: bool,
+    weights: Sequence[float] = SMOOTHING_WEIGHTS,
+) -> tuple[float, float]:
+    """The smoothing weight (from `weights`, none of them 0) with the lowest log loss, and the temperature fit
+    after it (1.0 without `temperature`): a burst's mean is less confident than its frames, so the temperature
+    that suits smoothed predictions is not the one that suits raw ones."""
+    best = None
+    for weight in weights:
+        smoothed = smooth(proba, groups, weight)
+        t = fit_temperature(smoothed, y) if temperature else 1.0
+        loss = kaggle_log_loss(y, apply_temperature(smoothed, t))
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, weight, t)
+    return best[1], best[2]
 
 
 # ----------------------------------------------------------------------------------------- class prior

@@ -3,7 +3,8 @@
 Columns (docs/ARCHITECTURE.md): `id` (unique within its split: train and stage-1 bare `img_XXXXX.jpg`,
 stage-2 `test_stg2/image_XXXXX.jpg`, i.e. the submission's names; a training image may share a stage-1
 image's file name, as in many competitions' downloads), `split`, `path`, `label` (train only),
-`width`, `height`, `group` (estimated boat), `sha1`, `true_boat` (demo only). Row i is image i of every array
+`width`, `height`, `group` (estimated boat), `burst` (near-duplicate cluster within the split: the frames
+of one catch), `sha1`, `true_boat` (demo only). Row i is image i of every array
 cache (`paths.images`, `paths.views`).
 """
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from pipeline.core.competition import FISH_CLASSES, class_index
 
-COLUMNS: tuple[str, ...] = ("id", "split", "path", "label", "width", "height", "group", "sha1", "true_boat")
+COLUMNS: tuple[str, ...] = ("id", "split", "path", "label", "width", "height", "group", "burst", "sha1", "true_boat")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -43,3 +44,15 @@ def train_labels(manifest: pd.DataFrame, ids: np.ndarray | None = None, where: s
             raise ValueError(f"{len(missing)} ids are not training images of {where}, e.g. {missing[0]!r}")
         train = train.loc[ids]
     return labels_of(train, where)
+
+
+def bursts_of(manifest: pd.DataFrame, split: str, ids: np.ndarray, where: str | Path = "the manifest") -> np.ndarray:
+    """The `burst` of the images `ids` of `split`, in that order (the ensemble's smoothing groups)."""
+    if "burst" not in manifest.columns:
+        raise ValueError(f"{where} has no burst column (written by ingest since smoothing over bursts): "
+                         "run the ingest stage again")
+    bursts = manifest[manifest["split"] == split].set_index("id")["burst"]
+    missing = [i for i in ids if i not in bursts.index]
+    if missing:
+        raise ValueError(f"{len(missing)} ids are not {split} images of {where}, e.g. {missing[0]!r}")
+    return bursts.loc[ids].to_numpy(dtype=np.int64)

@@ -157,9 +157,13 @@ class Train:
 
 @dataclass(frozen=True)
 class Ensemble:
-    method: Literal["mean", "weighted", "geometric", "stacking", "best"]
-    temperature: bool
-    clip: bool
+    """Each of method, temperature, smoothing and clip names one value or `auto` (every value); the ensemble
+    stage scores every combination allowed by nested CV and keeps the best (`pipeline.core.ensembling`)."""
+
+    method: Literal["auto", "mean", "weighted", "geometric", "stacking", "best"]
+    temperature: Literal["auto", True, False]
+    smoothing: Literal["auto", True, False]
+    clip: Literal["auto", "none", "global", "per_class"]
     prior: str
     stacking_c: tuple[float, ...]
 

@@ -6,8 +6,14 @@ of probabilities in the ensemble's class order, one row per input row. Inside, i
 did: decode and fit each image to the working square exactly as ingest does (`pipeline.decode`), run every
 backbone's frozen extractor and average that backbone's fold heads (for a fine-tuned backbone: average its
 fold classifiers on the pixels), then apply the ensemble stage's fitted combination (per-model temperatures,
-weighted arithmetic or geometric mean, ensemble temperature, class-prior correction, clip). Test-time
-augmentation is not repeated: one view per image.
+weighted arithmetic or geometric mean or stacker, burst smoothing, ensemble temperature, class-prior
+correction, clip, one floor per class when fitted). Test-time augmentation is not repeated: one view per image.
+
+Smoothing needs the other frames of a burst, and a served model only sees what one `predict` call gives it,
+so it smooths across the images of that call: they are hashed as ingest hashes them (dHash and aHash of the
+same decoded frame, `ingest.group_hash_size`) and grouped into bursts within `ingest.near_duplicate_bits`,
+exactly as ingest groups one split. Send a burst's frames in one call to get what the pipeline submitted;
+one image alone is predicted unsmoothed, and `params={"smoothing": False}` turns it off.
 
 Logged size stays small: the fold heads are small `.keras` files, and an extractor with `weights: none` (or
 `imagenet`) is rebuilt at load time from its recorded settings — `keras.utils.set_random_seed(seed)` then
@@ -19,8 +25,8 @@ instead of predicting garbage. `extractors="file"` logs the extractors as `.kera
 Inputs, written by the train and ensemble stages:
 `<predictions>/<backbone>/extractor.json` ({backbone, image_size, weights, pooling, seed, fine_tuned}),
 `<predictions>/<backbone>/models/head_fold<k>.keras` (`classifier_fold<k>.keras` when fine-tuned), and the
-ensemble report (`paths.ensemble_report`: `method`, `models`, `results[method]` with `model_temperatures`,
-`weights`, `ensemble_temperature`, `clip`, and `prior` with `train_shares` / `target_shares`).
+ensemble report (`paths.ensemble_report`: `models`, `fitted` (the chosen candidate's `Fitted`), `chosen`,
+and `prior` with `train_shares` / `target_shares`).
 """
 
 from __future__ import annotations
@@ -65,16 +71,18 @@ class ServingError(ValueError):
 # ------------------------------------------------------------------------------------------ the maths
 
 
-def combine(per_model: Sequence[np.ndarray], settings: Mapping[str, Any]) -> np.ndarray:
+def combine(per_model: Sequence[np.ndarray], settings: Mapping[str, Any], keys: np.ndarray | None = None
+            ) -> np.ndarray:
     """The ensemble stage's fitted combination of per-model probabilities: `pipeline.core.ensembling.predict`
-    itself, on the `Fitted` the stage wrote into its report, with the same class-prior correction."""
+    itself, on the `Fitted` the stage wrote into its report, with the same class-prior correction; `keys`
+    are the rows' bursts for the fitted smoothing (None: no smoothing)."""
     from pipeline.core.ensembling import fitted_from_json, predict
 
     prior = settings.get("prior") or {}
     ratio = None
     if prior.get("target") is not None:
         ratio = (np.asarray(prior["train"]), np.asarray(prior["target"]))
-    return predict(fitted_from_json(settings["fitted"]), np.stack(per_model).astype(np.float64), ratio)
+    return predict(fitted_from_json(settings["fitted"]), np.stack(per_model).astype(np.float64), ratio, keys)
 
 
 def weights_digest(model: Any) -> str:
@@ -131,18 +139,34 @@ def as_sources(model_input: Any) -> tuple[list[bytes | np.ndarray], Any]:
     return [_source(item) for item in items], index
 
 
+def decoded(source: bytes | np.ndarray, size: int, mode: str) -> np.ndarray:
+    """The RGB frame ingest would have decoded for this image (a large JPEG at reduced scale for `size`)."""
+    from pipeline.core.decode import decode_bytes
+
+    if isinstance(source, bytes):
+        out = decode_bytes(source, size, mode)
+        rgb, reason = out[0], out[2]  # (rgb, conversion note, quarantine reason, ...)
+        if rgb is None:
+            raise ServingError(f"cannot use this image: {reason}")
+        return rgb
+    return source
+
+
 def to_square(source: bytes | np.ndarray, size: int, mode: str) -> np.ndarray:
     """The size×size RGB frame ingest would have cached for this image (`pipeline.decode`'s own steps:
     a large JPEG is decoded at reduced scale for the target size, then fitted by `mode`)."""
-    from pipeline.core.decode import decode_bytes, fit_square
+    from pipeline.core.decode import fit_square
 
-    if isinstance(source, bytes):
-        decoded = decode_bytes(source, size, mode)
-        rgb, reason = decoded[0], decoded[2]  # (rgb, conversion note, quarantine reason, ...)
-        if rgb is None:
-            raise ServingError(f"cannot use this image: {reason}")
-        source = rgb
-    return fit_square(source, size, mode)
+    return fit_square(decoded(source, size, mode), size, mode)
+
+
+def burst_keys(frames: Sequence[np.ndarray], hash_size: int, max_bits: int) -> np.ndarray:
+    """Bursts among decoded frames, as ingest finds them within one split (`boat_groups.bursts`)."""
+    from pipeline.core.boat_groups import bursts, signature
+
+    sigs = [signature(f, hash_size) for f in frames]
+    dh, ah = np.stack([s["dhash"] for s in sigs]), np.stack([s["ahash"] for s in sigs])
+    return bursts(dh, ah, np.zeros(len(frames), dtype=np.int64), max_bits)
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -174,13 +198,19 @@ class EnsembleModel(PythonModel):
         sources, index = as_sources(model_input)
         if not sources:
             return pd.DataFrame(columns=self.classes, dtype=np.float64)
-        batch_size = int((params or {}).get("batch_size", self.settings.get("batch_size", 32)))
+        from pipeline.core.decode import fit_square
+
+        params = params or {}
+        batch_size = int(params.get("batch_size", self.settings.get("batch_size", 32)))
+        mode = self.settings["resize"]
+        frames: dict[int, list[np.ndarray]] = {}
         squares: dict[int, np.ndarray] = {}
         per_model = []
         for entry, extractor, heads in zip(self.settings["backbones"], self.extractors, self.heads, strict=True):
             size = entry["image_size"]
             if size not in squares:
-                squares[size] = np.stack([to_square(src, size, self.settings["resize"]) for src in sources])
+                frames[size] = [decoded(src, size, mode) for src in sources]
+                squares[size] = np.stack([fit_square(f, size, mode) for f in frames[size]])
             # A backbone's prediction is the mean of its fold models, as for the pipeline's test predictions:
             # fold heads on the shared frozen extractor's features, or fine-tuned classifiers on the pixels.
             if extractor is None:
@@ -188,7 +218,13 @@ class EnsembleModel(PythonModel):
             else:
                 features = _batched(extractor, squares[size], batch_size)
                 per_model.append(np.mean([_batched(h, features, 1024) for h in heads], axis=0))
-        proba = combine(per_model, self.settings)
+        keys = None
+        smoothing = self.settings["fitted"].get("smoothing", 0.0)
+        if smoothing and params.get("smoothing", True) and len(sources) > 1 and self.settings.get("bursts"):
+            # Hashed on the frame decoded for the first backbone's size: ingest decodes at model.image_size.
+            first = next(iter(frames.values()))
+            keys = burst_keys(first, self.settings["bursts"]["hash_size"], self.settings["bursts"]["max_bits"])
+        proba = combine(per_model, self.settings, keys)
         return pd.DataFrame(proba, columns=self.classes, index=index)
 
 
@@ -236,8 +272,12 @@ def ensemble_settings(
     report: Mapping[str, Any],
     backbones: Sequence[str] | None = None,
     resize: str = "pad",
+    bursts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Everything the served model needs, read from the train and ensemble stages' outputs (no files copied)."""
+    """Everything the served model needs, read from the train and ensemble stages' outputs (no files copied).
+
+    `bursts` is `{"hash_size", "max_bits"}` (ingest's `group_hash_size` and `near_duplicate_bits`), how the
+    served model finds bursts among the images of one call; None: it never smooths."""
     if "fitted" not in report:
         raise ServingError(
             "this ensemble report has no 'fitted' entry (written by the ensemble stage since the served model "
@@ -283,7 +323,9 @@ def ensemble_settings(
             "train": [float(prior["train_shares"][c]) for c in FISH_CLASSES] if target else None,
             "target": [float(target[c]) for c in FISH_CLASSES] if target else None,
         },
-        "oof_logloss": report.get("chosen", {}).get("oof_logloss"),
+        "bursts": None if bursts is None else {"hash_size": int(bursts["hash_size"]),
+                                               "max_bits": int(bursts["max_bits"])},
+        "cv_logloss": report.get("chosen", {}).get("cv_logloss"),
     }
 
 
@@ -356,17 +398,20 @@ def log_ensemble_model(
     name: str = "model",
     extractors: str = "auto",
     registered_model: str | None = None,
-    metric_key: str = "oof_logloss.chosen",
+    metric_key: str = "cv_logloss",
     alias: str = "champion",
+    pool: str | None = None,
+    bursts: Mapping[str, int] | None = None,
 ) -> dict[str, Any] | None:
     """Log the ensemble as a pyfunc model in the open MLflow run, and optionally register it.
 
     Call it inside the ensemble stage's `tracking.start_run(...)`, after the stage's outputs and metrics are
-    written and logged. `resize` is params.yaml's `ingest.resize`. With `registered_model`, the model becomes a
-    new version of that name and `alias` points at the version with the lowest `metric_key` (a metric of the
-    run). Returns `{"model_uri", "run_id", "registered"}`, or None, after one clear message on stderr, when
-    there is no open run, tracking is off, or the outputs cannot be packaged: like all tracking, it never
-    fails the stage.
+    written and logged. `resize` is params.yaml's `ingest.resize`, `bursts` as for `ensemble_settings`. With
+    `registered_model`, the model becomes a new version of that name and `alias` points at the version with
+    the lowest `metric_key` (a metric of the run: the ensemble's headline CV) among those of the same
+    comparison `pool` (`tracking.register_best`). Returns `{"model_uri", "run_id", "registered"}`, or None,
+    after one clear message on stderr, when there is no open run, tracking is off, or the outputs cannot be
+    packaged: like all tracking, it never fails the stage.
     """
     import warnings
 
@@ -381,7 +426,7 @@ def log_ensemble_model(
             report = ensemble_report
             if not isinstance(report, Mapping):
                 report = json.loads(Path(report).read_text())
-            settings = ensemble_settings(predictions_dir, report, backbones, resize)
+            settings = ensemble_settings(predictions_dir, report, backbones, resize, bursts)
             folder.mkdir()
             staged = stage_model(settings, folder, extractors)
             code = _copy_package(Path(tmp) / "code")
@@ -412,5 +457,5 @@ def log_ensemble_model(
             return None
     registered = None
     if registered_model:
-        registered = tracking.register_best(run_id, name, registered_model, metric_key, alias)
+        registered = tracking.register_best(run_id, name, registered_model, metric_key, alias, pool=pool)
     return {"model_uri": info.model_uri, "run_id": run_id, "registered": registered}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -445,6 +446,33 @@ def find_run(tracking_cfg: Tracking | None, tag: str, value: str) -> str | None:
 
 # -------------------------------------------------------------------------------------------- registry
 
+#: The tag naming the comparison pool of an ensemble run and of its model version (`comparison_pool`).
+POOL_TAG = "pool"
+
+
+def comparison_pool(ids, sha1s, labels, folds, group_by: str | None = None) -> dict[str, Any]:
+    """Which runs' cross-validation scores can be compared: the same training images with the same labels
+    (by content, not only name) split into the same folds.
+
+    The key is `<data>-<folds>`, two 16-hex digests: of the training rows (id, file SHA-1, label) and of the
+    fold each row was scored in. The folds are read from the OOF predictions themselves, so every way of
+    making them (`cv.group_by`, `cv.n_folds`, the seed, a hand-made split) is covered; a random split and a
+    grouped one on the same images share the data digest and differ in the folds digest. The image size, the
+    models and the ensemble settings are not in it: they are what the runs of a pool compete on.
+    """
+    rows = sorted(zip(map(str, ids), map(str, sha1s), map(str, labels), map(int, folds), strict=True))
+    data = hashlib.sha1("".join(f"{i},{h},{lab}\n" for i, h, lab, _ in rows).encode()).hexdigest()[:16]
+    split = hashlib.sha1("".join(f"{i},{f}\n" for i, _, _, f in rows).encode()).hexdigest()[:16]
+    pool = {"key": f"{data}-{split}", "data": data, "folds": split, "n_train": len(rows),
+            "n_folds": len({r[3] for r in rows})}
+    if group_by is not None:
+        pool["group_by"] = group_by
+    return pool
+
+
+def _pool_alias(alias: str, pool: str) -> str:
+    return f"{alias}-{pool}"  # hex and a hyphen: a valid alias name
+
 
 def register_best(
     run_id: str,
@@ -453,12 +481,19 @@ def register_best(
     metric_key: str,
     alias: str = "champion",
     tracking_cfg: Tracking | None = None,
+    pool: str | None = None,
 ) -> dict[str, Any] | None:
     """Register `runs:/<run_id>/<artifact_path>` as a new version of `model_name` and point `alias` at the
-    version whose run has the lowest `metric_key` (a loss: lower is better).
+    version with the lowest `metric_key` (a loss: lower is better) among the versions it can be compared with.
 
     The new version carries the run's metric as a tag, so the choice is visible in the registry. Versions
-    without the metric are never chosen. Returns `{"version", "alias", "alias_version", "metric"}` (the
+    without the metric are never chosen. With `pool` (`comparison_pool(...)["key"]`), the version is tagged
+    with it and only versions of the same pool compete: the best of them always gets the pool's own alias
+    `<alias>-<pool>`, and `alias` itself moves to it unless `alias` holds a version trained on the same
+    images but scored on other folds (a leaky random split must not crown itself over a grouped one by a
+    score that is not comparable). Where `alias` holds a version on other images, or from before pools, the
+    newer data take it: scores on different data sets cannot be ranked, and the newest is the one in use.
+    Returns `{"version", "alias", "alias_version", "metric", "pool", "pool_alias", "pool_version"}` (the
     versions as strings), or None when tracking is off or fails.
     """
     if _disabled_reason is not None:
@@ -466,12 +501,15 @@ def register_best(
     try:
         import mlflow
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         if mlflow.active_run() is None:
             configure(tracking_cfg)
         client = MlflowClient()
         value = client.get_run(run_id).data.metrics.get(metric_key)
         version_tags = {metric_key: repr(value)} if value is not None else {}
+        if pool is not None:
+            version_tags[POOL_TAG] = pool
         # MLflow 3 resolves runs:/<run>/<name> to the run's logged model of that name and warns that it did so.
         with warnings.catch_warnings(), _quiet_logger("mlflow.tracking._model_registry.fluent"):
             warnings.simplefilter("ignore")
@@ -486,15 +524,33 @@ def register_best(
             return None
 
         quoted = model_name.replace("'", "\\'")
-        scored = [(s, int(v.version)) for v in client.search_model_versions(f"name='{quoted}'")
-                  if (s := score(v)) is not None]
+        versions = client.search_model_versions(f"name='{quoted}'")
+        rivals = [v for v in versions if pool is None or v.tags.get(POOL_TAG) == pool]
+        scored = [(s, int(v.version)) for v in rivals if (s := score(v)) is not None]
+        result = {"version": str(new.version), "alias": alias, "alias_version": None, "metric": None,
+                  "pool": pool, "pool_alias": None, "pool_version": None}
         if not scored:
-            return {"version": str(new.version), "alias": alias, "alias_version": None, "metric": None}
+            return result
         # Lowest loss wins; on a tie the newer version, which is the newer code.
         best_score, best_version = min(scored, key=lambda sv: (sv[0], -sv[1]))
-        client.set_registered_model_alias(model_name, alias, str(best_version))
-        return {"version": str(new.version), "alias": alias, "alias_version": str(best_version),
-                "metric": best_score}
+        result["metric"] = best_score
+        take = True
+        if pool is not None:
+            result["pool_alias"] = _pool_alias(alias, pool)
+            result["pool_version"] = str(best_version)
+            client.set_registered_model_alias(model_name, result["pool_alias"], str(best_version))
+            holder = None
+            with contextlib.suppress(MlflowException):  # no version holds the alias yet
+                holder = client.get_model_version_by_alias(model_name, alias)
+            held = None if holder is None else holder.tags.get(POOL_TAG)
+            # Same images (the data digest before the hyphen), other folds: not comparable, the holder stays.
+            take = held is None or held == pool or held.split("-")[0] != pool.split("-")[0]
+            if not take:
+                result["alias_version"] = str(holder.version)
+        if take:
+            client.set_registered_model_alias(model_name, alias, str(best_version))
+            result["alias_version"] = str(best_version)
+        return result
     except Exception as exc:  # noqa: BLE001
         report_failure("register_best", exc)
         return None

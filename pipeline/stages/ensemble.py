@@ -1,14 +1,20 @@
-"""Ensemble stage: every backbone's out-of-fold predictions in, one calibrated set of test predictions out.
+"""Ensemble stage: every model's out-of-fold predictions in, one calibrated set of test predictions out.
 
-`python -m pipeline ensemble`. Reads `<paths.predictions>/<backbone>/` for every `model.backbones`, scores
-every single model and every combiner of `pipeline.core.ensembling` side by side (raw, tempered, clipped,
-nested), writes the chosen method's OOF and test predictions, `paths.metrics`, `paths.ensemble_report`
-and a reliability diagram, then logs the run and the servable ensemble model to MLflow.
+`python -m pipeline ensemble`. Reads `<paths.predictions>/<model>/` for every `model.backbones`, scores every
+single model, and every candidate (combiner × temperature × burst smoothing × clip shape) that
+`ensemble.method`, `temperature`, `smoothing` and `clip` allow, by nested cross-validation
+(`pipeline.core.ensembling`); keeps the candidate with the lowest nested score and reports, as the headline
+CV, the nested score of that whole procedure, the choice included. Writes the chosen candidate's test
+predictions (smoothed within each test set's bursts when chosen) and the OOF predictions the headline
+scores, `paths.metrics`, `paths.ensemble_report` and a reliability diagram, then logs the run and the
+servable ensemble model to MLflow, where it competes for the `champion` alias only with runs on the same
+images and folds (`tracking.comparison_pool`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,84 +23,123 @@ import numpy as np
 from pipeline.core import calibration as cal
 from pipeline.core import serving, tracking
 from pipeline.core.competition import FISH_CLASSES
-from pipeline.core.ensembling import HONESTY, METHODS, evaluate, fit_ensemble, fitted_to_json, format_table, predict
+from pipeline.core.ensembling import HONESTY, Candidate, evaluate, fit_ensemble, fitted_to_json, format_table, predict
 from pipeline.core.files import file_digest, save_figure, write_csv, write_json
-from pipeline.core.manifest import read_manifest, train_labels
+from pipeline.core.manifest import bursts_of, read_manifest, train_labels
 from pipeline.core.metrics import accuracy, kaggle_log_loss
-from pipeline.core.params import Ensemble, Ingest, Model, Paths, Tracking, flatten, load, stage_parser
+from pipeline.core.params import Cv, Ensemble, Ingest, Model, Paths, Tracking, flatten, load, stage_parser
 from pipeline.core.predictions import prediction_frame, read_predictions
 
 #: The MLflow tag holding the SHA-1 of the report file this run wrote.
 REPORT_TAG = tracking.REPORT_TAG
+
+#: The basis of every CV figure in `paths.metrics` and the README's tables.
+CV_BASIS = ("out of fold, nothing fitted on the scored rows: single models raw, the class prior from the other "
+            "folds' labels, the ensemble its nested CV with the choice of candidate included")
 
 
 @dataclass(frozen=True)
 class Settings:
     paths: Paths
     model: Model
-    ingest: Ingest
+    ingest: Ingest  # resize, and how the served model finds bursts (group_hash_size, near_duplicate_bits)
+    cv: Cv  # group_by: named in the comparison pool (the folds themselves come from the OOF files)
     ensemble: Ensemble
     tracking: Tracking
 
 
+def prior_oof(y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """The class-prior baseline out of fold: each fold predicted by the other folds' class shares."""
+    out = np.zeros((len(y), len(FISH_CLASSES)))
+    for k in np.unique(folds):
+        out[folds == k] = cal.class_shares(y[folds != k], len(FISH_CLASSES))
+    return out
+
+
+def burst_summary(bursts: np.ndarray) -> dict[str, int]:
+    _, counts = np.unique(bursts, return_counts=True)
+    return {"images": int(len(bursts)), "bursts": int(len(counts)), "images_in_bursts": int(counts[counts > 1].sum()),
+            "largest": int(counts.max(initial=0))}
+
+
 def run(s: Settings) -> dict[str, object]:
     """The whole stage without MLflow: read, evaluate, write predictions, metrics, report and figure."""
-    paths, backbones, cfg = s.paths, s.model.backbones, s.ensemble
-    preds = read_predictions(paths.predictions, backbones)
-    y = train_labels(read_manifest(paths.manifest), preds.ids, paths.manifest)
+    paths, models, cfg = s.paths, s.model.backbones, s.ensemble
+    preds = read_predictions(paths.predictions, models)
+    manifest = read_manifest(paths.manifest)
+    y = train_labels(manifest, preds.ids, paths.manifest)
+    train_bursts = bursts_of(manifest, "train", preds.ids, paths.manifest)
     train_shares = cal.class_shares(y, len(FISH_CLASSES))
     target = cal.target_prior(cfg.prior, FISH_CLASSES)
-    rows, fits = evaluate(preds, y, cfg)
-    fitted, oof = fits[cfg.method]
+    started = time.perf_counter()
+    ev = evaluate(preds, y, cfg, bursts=train_bursts)
+    seconds = time.perf_counter() - started  # to the log only: a DVC output must be the same bytes every run
+    chosen: Candidate = ev.chosen
 
     out_dir = Path(paths.ensemble)
-    write_csv(out_dir / "oof.csv", prediction_frame(preds.ids, oof, preds.folds))
+    write_csv(out_dir / "oof.csv", prediction_frame(preds.ids, ev.honest, preds.folds))
+    test_bursts = {}
     for name, (ids, stack) in preds.tests.items():
-        proba = predict(fitted, stack, None if target is None else (train_shares, target))
+        test_bursts[name] = bursts_of(manifest, name, ids, paths.manifest)
+        proba = predict(ev.fitted, stack, None if target is None else (train_shares, target), test_bursts[name])
         write_csv(out_dir / f"{name}.csv", prediction_frame(ids, proba))
 
-    uncalibrated = fit_ensemble(
-        cfg.method, preds.oof, y, preds.folds, temperature=False, clip=False, stacking_c=cfg.stacking_c
-    )[1]
-    best_single = min((n for n in rows if n.startswith("model:")), key=lambda n: rows[n]["oof_logloss_raw"])
+    uncalibrated = fit_ensemble(chosen.method, preds.oof, y, preds.folds, temperature=False, clip=False,
+                                stacking_c=cfg.stacking_c)[1]
+    best_single = min((n for n in ev.rows if n.startswith("model:")), key=lambda n: ev.rows[n]["oof_logloss_raw"])
     figure = cal.plot_reliability(
         {
             f"{best_single[6:]} (best single, raw)": (preds.oof[preds.models.index(best_single[6:])], y),
-            f"{cfg.method}, uncalibrated": (uncalibrated, y),
-            f"{cfg.method}, as written": (oof, y),
+            f"{chosen.method}, uncalibrated (in-sample)": (uncalibrated, y),
+            f"{chosen.name} (nested, as scored)": (ev.honest, y),
         }
     )
     save_figure(figure, Path(paths.figures) / "ensemble" / "reliability.png")
 
+    prior = prior_oof(y, preds.folds)
     metrics = {
-        "cv_logloss": {
-            **{bb: rows[f"model:{bb}"]["oof_logloss_raw"] for bb in backbones},
-            "ensemble": rows[cfg.method]["oof_logloss"],
-        },
-        "cv_logloss_nested": {"ensemble": rows[cfg.method]["oof_logloss_nested_cv"]},
-        "method": cfg.method,
-        "methods": {m: rows[m]["oof_logloss"] for m in METHODS},
-        "methods_nested": {m: rows[m]["oof_logloss_nested_cv"] for m in METHODS},
-        "cv_accuracy": {
-            **{bb: accuracy(y, preds.oof[j]) for j, bb in enumerate(backbones)},
-            "ensemble": rows[cfg.method]["accuracy"],
-        },
+        "cv_basis": CV_BASIS,
+        "cv_logloss": {**{m: ev.rows[f"model:{m}"]["oof_logloss_raw"] for m in models}, "ensemble": ev.headline},
+        "cv_logloss_nested": {"ensemble": ev.nested},
+        "cv_logloss_in_sample": {"ensemble": kaggle_log_loss(y, ev.in_sample)},
+        "method": chosen.method,
+        "candidate": chosen.name,
+        "methods_nested": {m: row["oof_logloss_nested_cv"] for m, row in ev.rows.items() if ":" not in m},
+        "cv_accuracy": {**{m: accuracy(y, preds.oof[j]) for j, m in enumerate(models)},
+                        "ensemble": accuracy(y, ev.honest)},
+        "class_prior_oof": kaggle_log_loss(y, prior),
     }
     write_json(paths.metrics, metrics)
+    pool = tracking.comparison_pool(preds.ids, manifest.set_index("id").loc[preds.ids, "sha1"],
+                                    [FISH_CLASSES[c] for c in y], preds.folds, s.cv.group_by)
+    twin = dataclasses.replace(chosen, smoothing=not chosen.smoothing).name
     report = {
-        "method": cfg.method,
-        "models": list(backbones),
+        "method": chosen.method,
+        "models": list(models),
         "n_oof": len(y),
         "folds": sorted(int(k) for k in np.unique(preds.folds)),
         "settings": dataclasses.asdict(cfg),
         "chosen": {
-            "method": cfg.method,
-            **{k: rows[cfg.method][k] for k in ("oof_logloss", "oof_logloss_nested_cv", "accuracy")},
+            "candidate": chosen.name,
+            **chosen.to_json(),
+            "cv_logloss": ev.headline,
+            "cv_basis": ev.headline_basis,
+            "oof_logloss_nested_cv": ev.nested,
+            "oof_logloss_in_sample": kaggle_log_loss(y, ev.in_sample),
+            "accuracy": accuracy(y, ev.honest),
+            "choice_without_each_fold": {str(k): v for k, v in ev.choices.items()},
+            "smoothing_twin": {"candidate": twin, **({k: ev.candidates[twin][k] for k in
+                                                      ("oof_logloss", "oof_logloss_nested_cv")}
+                                                     if twin in ev.candidates else {"note": "not a candidate"})},
         },
-        "results": rows,
+        "candidates": ev.candidates,
+        "results": ev.rows,
+        "bursts": {"train": burst_summary(train_bursts), **{n: burst_summary(b) for n, b in test_bursts.items()},
+                   "oof_smoothing": "within one fold only"},
         "baselines": {
             "uniform": float(np.log(len(FISH_CLASSES))),
             "class_prior": kaggle_log_loss(y, np.tile(train_shares, (len(y), 1))),
+            "class_prior_oof": kaggle_log_loss(y, prior),
         },
         "prior": {
             "setting": cfg.prior,
@@ -102,11 +147,13 @@ def run(s: Settings) -> dict[str, object]:
             "target_shares": None if target is None else dict(zip(FISH_CLASSES, target, strict=True)),
             "applied_to": "test predictions only (OOF rows keep the training mix they were drawn from)",
         },
+        "pool": pool,
         "honesty": HONESTY,
-        "fitted": fitted_to_json(fitted),
-        "table": format_table(rows, cfg.method),
+        "fitted": fitted_to_json(ev.fitted),
+        "table": format_table(ev),
     }
     write_json(paths.ensemble_report, report)
+    print(f"ensemble: {len(ev.candidates)} candidates scored in {seconds:.1f} s")
     return report
 
 
@@ -115,27 +162,36 @@ def log_to_mlflow(s: Settings, report: dict[str, object]) -> str | None:
 
     The run is tagged with the digest of the report file, which is how the submit stage finds it again
     (`tracking.find_run`): the report itself stays a function of the stage's inputs, with no run id in it.
+    It is tagged with its comparison pool too, the only runs its model competes with for `champion`.
     """
     params = {**flatten(s.ensemble, "ensemble."), "model.backbones": list(s.model.backbones)}
-    tags = {REPORT_TAG: file_digest(s.paths.ensemble_report)}
+    pool = report["pool"]
+    tags = {REPORT_TAG: file_digest(s.paths.ensemble_report), tracking.POOL_TAG: pool["key"],
+            "pool.images": f"{pool['n_train']} training images, digest {pool['data']}",
+            "pool.folds": f"{pool['n_folds']} folds ({pool.get('group_by', '?')}), digest {pool['folds']}",
+            "candidate": report["chosen"]["candidate"]}
     with tracking.start_run(s.tracking, "ensemble", params, tags=tags) as run:
         if run is None:
             return None
-        scores = {}
+        scores = {"cv_logloss": report["chosen"]["cv_logloss"]}
         for name, row in report["results"].items():
-            scores[f"oof_logloss.{name.replace(':', '.')}"] = row["oof_logloss"]
+            key = name.replace(":", ".")
+            scores[f"oof_logloss.{key}"] = row.get("oof_logloss", row.get("oof_logloss_temperature_clip"))
             if row["oof_logloss_nested_cv"] is not None:
-                scores[f"oof_logloss_nested.{name.replace(':', '.')}"] = row["oof_logloss_nested_cv"]
-        scores["oof_logloss.chosen"] = report["chosen"]["oof_logloss"]
+                scores[f"oof_logloss_nested.{key}"] = row["oof_logloss_nested_cv"]
+        scores["oof_logloss.chosen"] = report["chosen"]["oof_logloss_in_sample"]
+        if report["chosen"]["oof_logloss_nested_cv"] is not None:
+            scores["oof_logloss_nested.chosen"] = report["chosen"]["oof_logloss_nested_cv"]
         tracking.log_metrics(scores)
         tracking.log_artifact(Path(s.paths.figures) / "ensemble", "figures")
         tracking.log_artifact(s.paths.metrics)
         tracking.log_dict(report, "ensemble_report.json")
-        # The whole ensemble as one model that predicts from raw images, registered with an alias on the
-        # version whose run has the lowest OOF log loss.
+        # The whole ensemble as one model that predicts from raw images, registered; `champion` points at the
+        # version of this pool with the lowest headline CV (unless another fold scheme on these images holds it).
         serving.log_ensemble_model(
             s.paths.predictions, report, s.model.backbones, resize=s.ingest.resize,
-            registered_model=s.tracking.registered_model,
+            registered_model=s.tracking.registered_model, metric_key="cv_logloss", pool=pool["key"],
+            bursts={"hash_size": s.ingest.group_hash_size, "max_bits": s.ingest.near_duplicate_bits},
         )
         return run.info.run_id
 

@@ -130,6 +130,7 @@ def build_manifest(cands, valid, root: Path, true_boats: dict[tuple[str, str], s
                 "width": res.width,
                 "height": res.height,
                 "group": -1,
+                "burst": -1,
                 "sha1": res.sha1,
                 "true_boat": true_boats.get((c.split, c.id), ""),
             }
@@ -183,8 +184,9 @@ def describe(data, ingest, image_size, root, sources, manifest, valid, quarantin
     }
 
 
-def group_frames(manifest: pd.DataFrame, valid, ingest: Ingest) -> tuple[np.ndarray, dict]:
-    """Boat group of every manifest row, and the report's groups, duplicates and agreement sections."""
+def group_frames(manifest: pd.DataFrame, valid, ingest: Ingest) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Boat group and burst of every manifest row, and the report's groups, bursts, duplicates and
+    agreement sections."""
     sig = {k: np.stack([r.sig[k] for r in valid]) for k in ("layout", "dhash", "ahash")}
     w, h, split = manifest.width.to_numpy(), manifest.height.to_numpy(), manifest.split.to_numpy()
     group = groups.assign_groups(w, h, sig["layout"], ingest.group_threshold)
@@ -192,10 +194,12 @@ def group_frames(manifest: pd.DataFrame, valid, ingest: Ingest) -> tuple[np.ndar
         manifest.id.to_numpy(), split, manifest.label.to_numpy(), manifest.sha1.to_numpy(),
         sig["dhash"], sig["ahash"], ingest.near_duplicate_bits,
     )  # fmt: skip
+    burst = groups.bursts(sig["dhash"], sig["ahash"], split, ingest.near_duplicate_bits)
     known = (manifest.true_boat != "").to_numpy()  # the demo knows every frame's boat; Kaggle's none
     ari = groups.agreement(group[known], manifest.true_boat.to_numpy()[known]) if known.any() else None
-    return group, {
+    return group, burst, {
         "groups": groups.summarise_groups(group, split, w, h),
+        "bursts": groups.summarise_bursts(burst, split),
         "duplicates": dups,
         "ari_vs_true_boats": ari,
     }
@@ -235,7 +239,7 @@ def run(s: Settings, root: Path | str = ".") -> dict:
         raise
 
     t2 = time.perf_counter()
-    manifest["group"], grouping = group_frames(manifest, valid, ingest)
+    manifest["group"], manifest["burst"], grouping = group_frames(manifest, valid, ingest)
     report.update(grouping)
     t_groups = time.perf_counter() - t2
     quarantined_train = {Path(q["path"]).name for q in quarantine if q["split"] == "train"}
