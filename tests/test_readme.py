@@ -101,9 +101,7 @@ def test_the_readmes_commands_work_in_a_fresh_shell(demo_project):
     # Each queued experiment ran from the baseline plus its own -S only: random-folds kept 32 px images.
     import mlflow
 
-    from pipeline.core import tracking
-
-    client = mlflow.MlflowClient(tracking.tracking_uri(root=work))
+    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")  # the clone's own store, as its stages found it
     runs = client.search_runs([client.get_experiment_by_name("fisheries").experiment_id], max_results=500)
     names = {r.data.tags.get("dvc_exp_name") for r in runs}
     assert {"vgg-only", "resnet-128", "random-folds"} <= names  # every experiment's runs land in the store
