@@ -33,6 +33,7 @@ ELSEWHERE: dict[str, str] = {
     "make download": "test_ingest.py::test_download_without_credentials_says_what_to_do runs the same program "
     "(it needs a Kaggle account to do more)",
     "make bench": "minutes of timing on an idle machine; bench/ is run by hand, its figures are in the README",
+    "make tables": "test_make_tables_rewrites_only_the_tables_from_the_clones_reports runs it in the clone",
     ".venv/bin/pip install -e '.[gpu]'": "installs gigabytes of CUDA wheels, for machines with a GPU",
 }
 #: Commands that start a server: run, asked for /health on their port, then stopped with Ctrl-C.
@@ -117,6 +118,20 @@ def test_the_readmes_python_example_loads_the_champion_and_predicts(demo_project
     out = run([str(work / ".venv" / "bin" / "python"), "-c", snippet], work, fresh_env(work), timeout=600)
     header = next(line for line in out.splitlines() if "ALB" in line)
     assert header.split() == ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
+
+
+@pytest.mark.slow
+def test_make_tables_rewrites_only_the_tables_from_the_clones_reports(demo_project):
+    """`make tables` as a user types it: the README's tables become what this clone's reports say."""
+    from pipeline.tools import readme_tables
+
+    work, _ = demo_project
+    before = (work / "README.md").read_text()
+    run("make tables", work, fresh_env(work), timeout=900)
+    after = (work / "README.md").read_text()
+    assert after == readme_tables.fill(before, readme_tables.render(work / "reports"))
+    outside = re.compile(r"<!-- table:(\w+) -->.*?<!-- /table:\1 -->", re.S)
+    assert outside.sub("", after) == outside.sub("", before)  # prose and commands untouched
 
 
 @pytest.mark.slow

@@ -85,13 +85,15 @@ def test_embeddings_are_cached_and_reused(tmp_path, monkeypatch):
     train.run("vgg16", s)
 
 
+@pytest.mark.slow
 def test_every_model_of_the_stage_trains_under_a_multi_device_strategy(tmp_path):
     """Two virtual CPUs stand in for two GPUs: the strategy configure_devices picks must carry the stage.
 
     Runs in a fresh interpreter, because devices can only be split before TensorFlow starts; nothing is
     patched: configure_devices sees the two devices itself.
     """
-    _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 1})
+    _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 1, "train.epochs": 2,
+                          "cv.n_folds": 2})
     script = textwrap.dedent("""
         import json, sys
         import tensorflow as tf
