@@ -31,7 +31,7 @@ browser:
 test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## The suite without the tests marked slow (whole DVC graphs, multi-device and fine-tuning runs).
+## The suite without the tests marked slow (whole DVC graphs, multi-device, fine-tuning, resume and browser runs).
 test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

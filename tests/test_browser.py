@@ -92,6 +92,7 @@ def mlflow_ui(tmp_path_factory):
     assert proc.poll() is not None, "the MLflow server outlived the tests"
 
 
+@pytest.mark.slow
 def test_ui_and_stages_put_artifacts_in_the_same_place(mlflow_ui, monkeypatch, tmp_path):
     """An experiment the UI creates is usable by a stage writing straight to SQLite, and vice versa."""
     server = MlflowClient(mlflow_ui["url"])
@@ -112,6 +113,7 @@ def test_ui_and_stages_put_artifacts_in_the_same_place(mlflow_ui, monkeypatch, t
 
 @pytest.mark.skipif(not CHROMIUM.exists(),
                     reason="Debian's chromium is not installed (/usr/bin/chromium): run `make browser` as root")
+@pytest.mark.slow
 def test_mlflow_ui_compares_two_runs_in_chromium(mlflow_ui):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
     query = urllib.parse.urlencode({"runs": json.dumps(mlflow_ui["run_ids"]),

@@ -53,6 +53,7 @@ def test_train_stage_writes_oof_and_test_predictions(tmp_path):
     assert (tmp_path / s.paths.figures / "vgg16" / "confusion.png").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     full, _ = _prepare(tmp_path / "full")
     train.run("vgg16", full)
@@ -78,6 +79,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypat
     np.testing.assert_allclose(resumed[list(FISH_CLASSES)], expected[list(FISH_CLASSES)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_embeddings_are_cached_and_reused(tmp_path, monkeypatch):
     s, _ = _prepare(tmp_path)
     train.run("vgg16", s)
@@ -114,6 +116,7 @@ def test_every_model_of_the_stage_trains_under_a_multi_device_strategy(tmp_path)
     assert np.isfinite(float(line.rsplit(" ", 1)[1]))
 
 
+@pytest.mark.slow
 def test_fine_tuning_trains_end_to_end_and_keeps_each_folds_model(tmp_path):
     s, _ = _prepare(tmp_path, **{"train.fine_tune.enabled": True, "train.fine_tune.epochs": 2,
                                  "train.fine_tune.unfreeze_blocks": 1})
