@@ -65,6 +65,12 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
         "cv.n_folds": 3,
         "augment.train_views": 1,
         "augment.tta_views": 2,
+        "localise.width": 64,
+        "localise.height": 48,
+        "localise.channels": 8,
+        "localise.epochs": 2,
+        "crops.backbones": ["vgg16"],
+        "crops.image_size": 32,
     }
     write_params(root, {**small, **overrides}, raw)
     return raw

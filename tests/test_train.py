@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from pipeline.core.augmentation import make_views
 from pipeline.core.competition import FISH_CLASSES
 from pipeline.core.params import load
-from pipeline.stages import augment, train
+from pipeline.stages import train
 from tests.factories import ROOT, synthetic_images, tiny_params
 
 
@@ -23,7 +24,7 @@ def _prepare(root, **overrides):
     manifest = synthetic_images(root, raw)
     s = load(train.Settings, root / "params.yaml")
     images = np.load(s.paths.images)
-    views = augment.make_views(images, (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
+    views = make_views(images, (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
     np.save(s.paths.views, views)
     return s, manifest
 
