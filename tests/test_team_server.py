@@ -1,0 +1,157 @@
+"""A team's tracking server, as `make team-server` runs it: a real PostgreSQL cluster and `mlflow server
+--serve-artifacts` on it, with the tiny demo's train and ensemble stages run against it from other processes,
+as a teammate's shell runs them with `MLFLOW_TRACKING_URI=http://...`; then the server stopped in mid-run.
+
+PostgreSQL is Debian's package (`make test` installs it through `make postgres` when root); the test is
+skipped, saying so, only where its server programs are not there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.core.params import load
+from pipeline.stages import augment, train
+from pipeline.tools import team_server, ui
+from tests.factories import synthetic_images, tiny_params
+
+pytestmark = pytest.mark.slow
+WARNING = "WARNING: MLflow tracking failed"
+
+
+@pytest.fixture(scope="module")
+def team():
+    """A throw-away cluster and a server on it, on a free loopback port, as `make team-server` starts them."""
+    try:
+        bindir = team_server.find_postgres()
+        team_server._run_as()
+    except team_server.PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    # Not under pytest's tmp folder: that is private to root, and as root the cluster runs as `postgres`.
+    folder = Path(tempfile.mkdtemp(prefix="team-"))
+    folder.chmod(0o755)
+    pg = team_server.start_postgres(folder, bindir=bindir)
+    servers: list[subprocess.Popen] = []
+
+    def serve() -> tuple[str, subprocess.Popen]:
+        port = ui.free_port()
+        with open(folder / f"mlflow-{port}.log", "w") as log:
+            proc = team_server.start_server(pg.uri, str(folder / "artifacts"), port=port, log=log, workers=1)
+        servers.append(proc)
+        url = ui.url_for(ui.DEFAULT_HOST, port)
+        ui.wait_until_healthy(url, proc, timeout=240)  # the first start creates MLflow's schema
+        return url, proc
+
+    try:
+        url, proc = serve()
+        yield {"url": url, "proc": proc, "serve": serve, "pg": pg, "folder": folder}
+    finally:
+        for proc in servers:
+            ui.stop_server(proc)
+        team_server.stop_postgres(pg)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _project(root: Path, **overrides) -> Path:
+    """The tiny demo's inputs of the train stage (manifest, images, augmented views) for one backbone."""
+    raw = tiny_params(root, **overrides)
+    manifest = synthetic_images(root, raw, n_train=48, n_test=8)
+    s = load(train.Settings, root / "params.yaml")
+    views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment,
+                               seed=s.seed)
+    np.save(s.paths.views, views)
+    return root
+
+
+def _stage(root: Path, url: str, *args: str, **kwargs) -> subprocess.Popen:
+    """A stage as a teammate's shell runs it: its own process, only MLFLOW_TRACKING_URI set for MLflow."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {"MLFLOW_TRACKING_URI": url, **kwargs.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--params", str(root / "params.yaml")],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def test_train_and_ensemble_track_runs_folds_artifacts_and_the_champion_in_postgresql(team, tmp_path):
+    from mlflow import MlflowClient
+
+    root = _project(tmp_path)
+    _, err = _finish(_stage(root, team["url"], "train", "--backbone", "vgg16"))
+    _, err2 = _finish(_stage(root, team["url"], "ensemble"))
+    assert WARNING not in err + err2
+
+    client = MlflowClient(team["url"])
+    experiment = client.get_experiment_by_name("fisheries")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/")  # uploaded through the server
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = runs["vgg16"]
+    assert parent.info.status == "FINISHED" and "cv_logloss" in parent.data.metrics
+    folds = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in folds) == ["vgg16-fold0", "vgg16-fold1", "vgg16-fold2"]
+    assert client.get_metric_history(folds[0].info.run_id, "loss"), "per-epoch curves of a fold"
+    assert {"figures", "vgg16.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # The server keeps the files in its artifacts folder, not the stage's machine.
+    stored = team["folder"] / "artifacts" / experiment.experiment_id / parent.info.run_id / "artifacts"
+    assert (stored / "vgg16.json").is_file()
+
+    ensemble = runs["ensemble"]
+    downloaded = client.download_artifacts(ensemble.info.run_id, "ensemble_report.json", str(tmp_path))
+    written = json.loads(Path(load(train.Settings, root / "params.yaml").paths.ensemble_report).read_text())
+    assert json.loads(Path(downloaded).read_text())["chosen"] == written["chosen"]
+    champion = client.get_model_version_by_alias("fisheries-ensemble", "champion")
+    assert champion.run_id == ensemble.info.run_id
+    assert {a.path for a in client.list_artifacts(ensemble.info.run_id)} >= {"ensemble_report.json", "figures"}
+
+    # And it is PostgreSQL that holds them.
+    import psycopg
+
+    pg = team["pg"]
+    with psycopg.connect(dbname=team_server.DB_NAME, user=team_server.DB_USER, host=str(pg.socket_dir),
+                         port=pg.port) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM runs")}
+        aliases = conn.execute("SELECT alias FROM registered_model_aliases WHERE name = 'fisheries-ensemble'")
+        assert {"vgg16", "vgg16-fold0", "ensemble"} <= names
+        assert "champion" in {row[0] for row in aliases}
+
+
+def test_a_server_stopped_mid_run_costs_the_stage_one_warning_and_no_output(team, tmp_path):
+    from mlflow import MlflowClient
+
+    url, server = team["serve"]()
+    root = _project(tmp_path, **{"tracking.experiment": "stopped-mid-run"})
+    # MLflow's default retries against a dead server take minutes once; a team may shorten them so.
+    stage = _stage(root, url, "train", "--backbone", "vgg16",
+                   env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+    client = MlflowClient(url)
+    deadline = time.monotonic() + 240
+    while stage.poll() is None and time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("stopped-mid-run")
+        if experiment and client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+            break
+        time.sleep(0.2)
+    assert stage.poll() is None, "the stage finished before its run showed up on the server"
+    ui.stop_server(server)  # the parent run is open, the folds are still to come
+    out, err = _finish(stage)
+    s = load(train.Settings, root / "params.yaml")
+    predictions = Path(s.paths.predictions) / "vgg16"
+    for name in ("oof.csv", "test_stg1.csv", "test_stg2.csv"):
+        assert (predictions / name).is_file()
+    assert (Path(s.paths.train_reports) / "vgg16.json").is_file()
+    assert "train vgg16: CV" in out
+    assert err.count(WARNING) == 1, err[-3000:]
+    assert url in err  # it names the store
