@@ -23,7 +23,7 @@ import pytest
 from pipeline.core.params import load
 from pipeline.stages import augment, train
 from pipeline.tools import team_server, ui
-from tests.factories import synthetic_images, tiny_params
+from tests.factories import ROOT, synthetic_images, tiny_params
 
 pytestmark = pytest.mark.slow
 WARNING = "WARNING: MLflow tracking failed"
@@ -64,7 +64,7 @@ def team():
 
 def _project(root: Path, **overrides) -> Path:
     """The tiny demo's inputs of the train stage (manifest, images, augmented views) for one backbone."""
-    raw = tiny_params(root, **overrides)
+    raw = tiny_params(root, **{"train.epochs": 2, "train.patience": 1, **overrides})
     manifest = synthetic_images(root, raw, n_train=48, n_test=8)
     s = load(train.Settings, root / "params.yaml")
     views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment,
@@ -73,12 +73,13 @@ def _project(root: Path, **overrides) -> Path:
     return root
 
 
-def _stage(root: Path, url: str, *args: str, **kwargs) -> subprocess.Popen:
+def _stage(root: Path, url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A stage as a teammate's shell runs it: its own process, only MLFLOW_TRACKING_URI set for MLflow."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {"MLFLOW_TRACKING_URI": url, **kwargs.pop("env", {})}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    # This checkout's package, whichever checkout the venv's editable install points at.
+    inherited |= {"MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--params", str(root / "params.yaml")],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=root, env=inherited, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
