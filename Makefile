@@ -11,6 +11,8 @@ PYTEST_ARGS ?=
 # variable (zsh sets one to the machine's name) never opens the server to the network.
 HOST := 127.0.0.1
 PORT := 5000
+TEAM_DIR := .team
+ALLOWED_HOSTS :=
 
 .PHONY: venv repro test test-fast bench tables ui team-server postgres download submit lint browser clean
 
@@ -58,10 +60,11 @@ tables: venv
 ui: venv
 	$(PY) -m pipeline ui
 
-## A team's tracking server: MLflow on PostgreSQL (a cluster under .team/ unless MLFLOW_BACKEND_URI names one),
+## A team's tracking server: MLflow on PostgreSQL (a cluster in TEAM_DIR unless MLFLOW_BACKEND_URI names one),
 ## artifacts served by it; on 127.0.0.1:5000 unless `make team-server HOST=0.0.0.0 PORT=...`.
 team-server: venv postgres
-	$(PY) -m pipeline team_server --host $(HOST) --port $(PORT)
+	$(PY) -m pipeline team_server --host $(HOST) --port $(PORT) --dir $(TEAM_DIR) \
+	  $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 ## Fetch the competition files with the official kaggle client (never part of dvc repro).
 download: venv

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,41 +26,55 @@ from pipeline.core.params import load
 from pipeline.stages import augment, train
 from pipeline.tools import team_server, ui
 from tests.factories import ROOT, synthetic_images, tiny_params
+from tests.projects import fresh_env, make_project
 
 pytestmark = pytest.mark.slow
 WARNING = "WARNING: MLflow tracking failed"
 
 
 @pytest.fixture(scope="module")
-def team():
-    """A throw-away cluster and a server on it, on a free loopback port, as `make team-server` starts them."""
+def team(tmp_path_factory):
+    """`make team-server` in a fresh shell in a clone, as the README says, on a free port; its folder under
+    /tmp (pytest's own is private to root, and as root the cluster runs as `postgres`)."""
     try:
-        bindir = team_server.find_postgres()
+        team_server.find_postgres()
         team_server._run_as()
     except team_server.PostgresUnavailable as exc:
         pytest.skip(f"no PostgreSQL here: {exc}")
-    # Not under pytest's tmp folder: that is private to root, and as root the cluster runs as `postgres`.
+    clone = make_project(tmp_path_factory.mktemp("team") / "fishpipe")
     folder = Path(tempfile.mkdtemp(prefix="team-"))
     folder.chmod(0o755)
-    pg = team_server.start_postgres(folder, bindir=bindir)
+    port = ui.free_port()
+    make = subprocess.Popen(f"make team-server PORT={port} TEAM_DIR={folder}", shell=True, cwd=clone,
+                            env=fresh_env(clone), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     servers: list[subprocess.Popen] = []
-
-    def serve() -> tuple[str, subprocess.Popen]:
-        port = ui.free_port()
-        with open(folder / f"mlflow-{port}.log", "w") as log:
-            proc = team_server.start_server(pg.uri, str(folder / "artifacts"), port=port, log=log, workers=1)
-        servers.append(proc)
-        url = ui.url_for(ui.DEFAULT_HOST, port)
-        ui.wait_until_healthy(url, proc, timeout=240)  # the first start creates MLflow's schema
-        return url, proc
-
+    url = ui.url_for(ui.DEFAULT_HOST, port)
     try:
-        url, proc = serve()
-        yield {"url": url, "proc": proc, "serve": serve, "pg": pg, "folder": folder}
+        try:
+            ui.wait_until_healthy(url, make, timeout=240)  # the first start creates MLflow's schema
+        except (RuntimeError, TimeoutError):
+            os.killpg(make.pid, signal.SIGINT)
+            pytest.fail(f"make team-server did not answer:\n{make.communicate(timeout=60)[0][-3000:]}")
+
+        def serve() -> tuple[str, subprocess.Popen]:
+            """A second server on the same database, for a test to stop."""
+            free = ui.free_port()
+            with open(folder / f"mlflow-{free}.log", "w") as log:
+                proc = team_server.start_server(team_server.store_uri(folder / "run"), str(folder / "artifacts"),
+                                                port=free, log=log, workers=1)
+            servers.append(proc)
+            address = ui.url_for(ui.DEFAULT_HOST, free)
+            ui.wait_until_healthy(address, proc, timeout=120)
+            return address, proc
+
+        yield {"url": url, "make": make, "serve": serve, "folder": folder}
     finally:
         for proc in servers:
             ui.stop_server(proc)
-        team_server.stop_postgres(pg)
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGINT)
+            make.wait(60)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -121,9 +137,7 @@ def test_train_and_ensemble_track_runs_folds_artifacts_and_the_champion_in_postg
     # And it is PostgreSQL that holds them.
     import psycopg
 
-    pg = team["pg"]
-    with psycopg.connect(dbname=team_server.DB_NAME, user=team_server.DB_USER, host=str(pg.socket_dir),
-                         port=pg.port) as conn:
+    with psycopg.connect(team_server.store_uri(team["folder"] / "run")) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM runs")}
         aliases = conn.execute("SELECT alias FROM registered_model_aliases WHERE name = 'fisheries-ensemble'")
         assert {"vgg16", "vgg16-fold0", "ensemble"} <= names
@@ -156,3 +170,15 @@ def test_a_server_stopped_mid_run_costs_the_stage_one_warning_and_no_output(team
     assert "train vgg16: CV" in out
     assert err.count(WARNING) == 1, err[-3000:]
     assert url in err  # it names the store
+
+
+def test_ctrl_c_stops_the_server_and_then_its_database(team):
+    """Last, as it stops the module's server: Ctrl-C in `make team-server`'s terminal."""
+    make = team["make"]
+    os.killpg(make.pid, signal.SIGINT)
+    output = make.communicate(timeout=60)[0]
+    assert f"export MLFLOW_TRACKING_URI={team['url']}" in output  # what teammates are told to type
+    assert "backend store: PostgreSQL" in output
+    assert not (team["folder"] / "postgres" / "postmaster.pid").exists(), "the cluster was left running"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{team['url']}/health", timeout=2)

@@ -94,8 +94,13 @@ class Postgres:
 
     @property
     def uri(self) -> str:
-        # psycopg (SQLAlchemy 2.1's default PostgreSQL driver) reads the socket folder from `host`.
-        return f"postgresql://{DB_USER}@/{DB_NAME}?host={self.socket_dir}&port={self.port}"
+        return store_uri(self.socket_dir, self.port)
+
+
+def store_uri(socket_dir: Path, port: int = 5432) -> str:
+    """The backend-store URI of a cluster of ours, through its socket folder (`<dir>/run` for short paths)."""
+    # psycopg (SQLAlchemy 2.1's default PostgreSQL driver) reads the socket folder from `host`.
+    return f"postgresql://{DB_USER}@/{DB_NAME}?host={socket_dir}&port={port}"
 
 
 def _as_user(user: str | None, cmd: list[str]) -> list[str]:
@@ -126,6 +131,9 @@ def start_postgres(folder: Path, port: int = 5432, bindir: Path | None = None) -
     user = _run_as()
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    if user is not None and subprocess.run(_as_user(user, ["test", "-x", str(folder)])).returncode != 0:
+        raise PostgresUnavailable(f"PostgreSQL runs as user {user} here (it refuses root), who cannot reach "
+                                  f"{folder}: choose a folder it can, e.g. `make team-server TEAM_DIR=/srv/mlflow`")
     data = folder / "postgres"
     socket_dir = folder / "run"
     if len(str(socket_dir)) > _MAX_SOCKET_DIR:
