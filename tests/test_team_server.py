@@ -8,6 +8,7 @@ skipped, saying so, only where its server programs are not there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,7 +55,8 @@ def team(tmp_path_factory):
         try:
             ui.wait_until_healthy(url, make, timeout=240)  # the first start creates MLflow's schema
         except (RuntimeError, TimeoutError):
-            os.killpg(make.pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(make.pid, signal.SIGINT)
             pytest.fail(f"make team-server did not answer:\n{make.communicate(timeout=60)[0][-3000:]}")
 
         def serve() -> tuple[str, subprocess.Popen]:

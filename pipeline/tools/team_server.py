@@ -104,7 +104,11 @@ def store_uri(socket_dir: Path, port: int = 5432) -> str:
 
 
 def _as_user(user: str | None, cmd: list[str]) -> list[str]:
-    return cmd if user is None else ["runuser", "-u", user, "--", *cmd]
+    if user is None:
+        return cmd
+    # util-linux's runuser lives in /usr/sbin, which a minimal PATH (cron, CI) may leave out.
+    runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or "runuser"
+    return [runuser, "-u", user, "--", *cmd]
 
 
 def _check(cmd: list[str], what: str) -> None:
