@@ -82,7 +82,10 @@ def team(tmp_path_factory):
 
 def _project(root: Path, **overrides) -> Path:
     """The tiny demo's inputs of the train stage (manifest, images, augmented views) for one backbone."""
-    raw = tiny_params(root, **{"train.epochs": 2, "train.patience": 1, **overrides})
+    # One ensemble candidate: the combiners' search is tested elsewhere, here only what reaches MLflow.
+    fast = {"train.epochs": 2, "train.patience": 1, "ensemble.method": "mean", "ensemble.temperature": False,
+            "ensemble.smoothing": False, "ensemble.clip": "none"}
+    raw = tiny_params(root, **{**fast, **overrides})
     manifest = synthetic_images(root, raw, n_train=48, n_test=8)
     s = load(train.Settings, root / "params.yaml")
     views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment,
