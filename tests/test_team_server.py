@@ -99,12 +99,19 @@ def _stage(root: Path, url: str, *args: str, env: dict[str, str] | None = None) 
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     # This checkout's package, whichever checkout the venv's editable install points at.
     inherited |= {"MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--params", str(root / "params.yaml")],
-                            cwd=root, env=inherited, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output to files: a pipe nobody reads while the test polls the server could fill and stall the stage.
+    logs = [open(root / f"{args[0]}.{stream}", "w") for stream in ("out", "err")]  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--params", str(root / "params.yaml")],
+                            cwd=root, env=inherited, stdout=logs[0], stderr=logs[1], text=True)
+    for log in logs:
+        log.close()  # the child has its own copies
+    proc.logs = [Path(log.name) for log in logs]
+    return proc
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out, err = (path.read_text() for path in proc.logs)
     assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
     return out, err
 
