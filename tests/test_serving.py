@@ -314,3 +314,46 @@ def test_served_model_reproduces_the_pipelines_own_test_predictions(tmp_path):
         served.index = manifest.loc[rows, "id"]
         np.testing.assert_allclose(served.to_numpy(), expected.loc[served.index, list(FISH_CLASSES)].to_numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_served_crop_model_localises_crops_and_classifies_raw_jpegs_as_the_pipeline_did(tmp_path, monkeypatch):
+    """The whole crop chain from raw JPEG bytes: fold localisers → box → crop cut from the full frame → crop
+    classifier → ensemble. On a tiny demo run through demo, ingest, localise, crops, train (frames and crops) and
+    ensemble with one test-time view, the served model must give the pipeline's own test predictions."""
+    from pipeline.core.params import load
+    from pipeline.generators import demo
+    from pipeline.stages import augment, crops, ensemble, ingest, localise, train
+    from tests.factories import tiny_params
+
+    raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2,
+                                   "demo.n_train": 40, "demo.n_test_stg1": 6, "demo.n_test_stg2": 8,
+                                   "demo.width": 128, "demo.train_boats": 3, "demo.new_boats": 2,
+                                   "ensemble.smoothing": False})  # per-call bursts are tested above
+    params = tmp_path / "params.yaml"
+    monkeypatch.chdir(tmp_path)  # the manifest's frame paths are relative to the project, as in a clone
+    s = load(demo.Settings, params)
+    demo.write_demo(s.demo, s.data.demo_dir)
+    ingest.run(load(ingest.Settings, params), root=tmp_path)
+    augment.run(load(augment.Settings, params))
+    localise.run(load(localise.Settings, params))
+    crops.run(load(crops.Settings, params))
+    train.run("vgg16", load(train.Settings, params))
+    train.run("vgg16", load(train.CropSettings, params))
+    settings = load(ensemble.Settings, params)
+    report = ensemble.run(settings)
+    assert set(report["models"]) == {"vgg16", "vgg16-crop"}
+
+    paths = settings.paths
+    with tracking.start_run(None, "ensemble", experiment=f"serving-{uuid.uuid4().hex[:6]}"):
+        logged = serving.log_ensemble_model(paths.predictions, report, ["vgg16", "vgg16-crop"],
+                                            resize=raw["ingest"]["resize"], localiser=paths.localiser)
+    model = mlflow.pyfunc.load_model(logged["model_uri"])
+    manifest = pd.read_csv(paths.manifest, keep_default_na=False)
+    for split in ("test_stg1", "test_stg2"):
+        expected = pd.read_csv(Path(paths.ensemble) / f"{split}.csv").set_index("id")
+        rows = manifest[manifest.split == split]
+        served = model.predict([Path(p).read_bytes() for p in rows["path"]])
+        served.index = rows["id"]
+        np.testing.assert_allclose(served.to_numpy(), expected.loc[served.index, list(FISH_CLASSES)].to_numpy(),
+                                   rtol=1e-4, atol=1e-5)
