@@ -23,10 +23,14 @@ from pipeline.core.params import Head, HeadTraining, Train
 def build_head(n_features: int, n_classes: int, units: int, dropout_in: float, dropout_out: float) -> keras.Model:
     """Pooled features → batch norm → dropout → dense → batch norm → dropout → softmax."""
     inputs = keras.Input((n_features,), name="features")
-    x = layers.BatchNormalization(name="head_bn_in")(inputs)
+    # Synchronised: under several replicas each one would otherwise normalise by its own slice of the batch, so
+    # two GPUs (or two machines) would train a different head than one device does, and under
+    # MultiWorkerMirroredStrategy each worker would keep different moving statistics. On one device it is
+    # the same layer.
+    x = layers.BatchNormalization(synchronized=True, name="head_bn_in")(inputs)
     x = layers.Dropout(dropout_in, name="head_dropout_in")(x)
     x = layers.Dense(units, use_bias=False, name="head_dense")(x)
-    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.BatchNormalization(synchronized=True, name="head_bn")(x)
     x = layers.Activation("relu", name="head_relu")(x)
     x = layers.Dropout(dropout_out, name="head_dropout_out")(x)
     # float32 softmax even under mixed precision: float16 probabilities underflow the log loss.
