@@ -203,3 +203,19 @@ def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_
     )
     solution.to_csv(paths.solution, index=False)
     return paths, dict(zip(solution["image"], solution["label"], strict=True))
+
+
+def train_inputs(root: Path, **overrides):
+    """What the train stage reads, generated in `root`: tiny params, synthetic images, their augmented views.
+
+    Returns the stage's settings and the manifest. The same call in two folders gives the same inputs.
+    """
+    from pipeline.core.params import load
+    from pipeline.stages import augment, train
+
+    raw = tiny_params(root, **overrides)
+    manifest = synthetic_images(root, raw)
+    s = load(train.Settings, root / "params.yaml")
+    views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
+    np.save(s.paths.views, views)
+    return s, manifest

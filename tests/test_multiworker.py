@@ -1,0 +1,125 @@
+"""Two machines train one model: the README's "Training on several machines", run on 127.0.0.1.
+
+Each "machine" is its own folder with its own copy of the same inputs (as two checkouts are), and runs its
+README block in a fresh bash with the block's addresses replaced by two free local ports. The two workers
+must give the out-of-fold predictions one process gives, open exactly one MLflow run (with its fold runs),
+and the second worker must leave nothing in its folder's outputs, nor its throw-away folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.core.competition import FISH_CLASSES
+from pipeline.stages import train
+from tests.factories import ROOT, train_inputs
+
+README = ROOT / "README.md"
+SECTION = "### Training on several machines"
+#: The machines' addresses in the README's TF_CONFIG (documentation addresses, RFC 5737).
+ADDRESSES = ("192.0.2.10:2222", "192.0.2.11:2222")
+#: Dropout masks are drawn per replica, so with dropout two workers train a different (equally good) head
+#: than one process; without it they must agree draw for draw.
+SETTINGS = {"model.head.dropout_in": 0.0, "model.head.dropout_out": 0.0, "train.epochs": 3, "cv.n_folds": 2}
+#: Measured: the largest difference in any OOF probability between two workers and one process is ~1e-6
+#: (the order of float32 sums in the all-reduce); a fold trained differently moves them by ~1e-2.
+TOLERANCE = 1e-4
+TIMEOUT = 240  # seconds: a deadlocked collective op fails the test instead of hanging it
+
+
+def machine_blocks() -> list[str]:
+    """The README's commands for each machine: the section's bash blocks that set TF_CONFIG, in order."""
+    section = README.read_text().split(SECTION, 1)[1]
+    section = re.split(r"^#{2,3} ", section, maxsplit=1, flags=re.M)[0]
+    blocks = [b for b in re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S) if "TF_CONFIG" in b]
+    assert len(blocks) == 2 and all(a in b for a in ADDRESSES for b in blocks), "README: one block per machine"
+    return blocks
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_machines(folders: list[Path], blocks: list[str], env: dict[str, str]) -> list[str]:
+    """Start every machine's block at once; wait for all of them (killing all on a timeout); their logs."""
+    procs, logs = [], []
+    for folder, block in zip(folders, blocks, strict=True):
+        (folder / ".venv").symlink_to(ROOT / ".venv")  # a checkout made with `make venv`
+        log = open(folder / "machine.log", "w")  # noqa: SIM115 - closed below, after the process ends
+        logs.append(log)
+        procs.append(subprocess.Popen(["bash", "-c", "set -e\n" + block], cwd=folder, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in logs:
+            log.close()
+    outputs = [(f / "machine.log").read_text() for f in folders]
+    for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"machine {i} ended with {p.returncode} (timeout {TIMEOUT}s?):\n{out[-4000:]}"
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path):
+    blocks = machine_blocks()
+    ports = free_ports(2)
+    for address, port in zip(ADDRESSES, ports, strict=True):
+        blocks = [b.replace(address, f"127.0.0.1:{port}") for b in blocks]
+    folders = [tmp_path / "machine0", tmp_path / "machine1"]
+    settings = [train_inputs(f, **SETTINGS)[0] for f in folders]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri,
+           # Two processes share this machine's cores: one thread each keeps them from fighting over them.
+           "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    chief_log, worker_log = run_machines(folders, blocks, env)
+
+    single, _ = train_inputs(tmp_path / "single", **SETTINGS)
+    train.run("vgg16", single)
+    expected = pd.read_csv(Path(single.paths.predictions) / "vgg16" / "oof.csv")
+    got = pd.read_csv(Path(settings[0].paths.predictions) / "vgg16" / "oof.csv")
+    assert got["id"].tolist() == expected["id"].tolist()
+    np.testing.assert_allclose(got[list(FISH_CLASSES)], expected[list(FISH_CLASSES)], atol=TOLERANCE)
+    report = json.loads((Path(settings[0].paths.train_reports) / "vgg16.json").read_text())
+    assert report["devices"]["strategy"] == "MultiWorkerMirroredStrategy" and report["devices"]["workers"] == 2
+    assert "MultiWorkerMirroredStrategy x2" in chief_log
+
+    # The second machine wrote nothing of its own outputs, and removed its throw-away folder at the end.
+    paths = settings[1].paths
+    for key in train.WRITES:
+        assert not any(Path(getattr(paths, key)).rglob("*vgg16*")), f"worker 1 wrote into paths.{key}"
+    scratch = re.search(r"this worker writes under (\S+)", worker_log).group(1)
+    assert not Path(scratch).exists()
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(settings[0].tracking.experiment).experiment_id])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_name for r in top] == ["vgg16"], "exactly one run, opened by the chief"
+    folds = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id)
+    assert folds == [f"vgg16-fold{k}" for k in range(settings[0].cv.n_folds)]
+    assert len(runs) == 1 + len(folds)
