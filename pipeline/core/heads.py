@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from pipeline.core.devices import rows_for_replicas
+from pipeline.core.devices import predict, rows_for_replicas
 from pipeline.core.metrics import accuracy, kaggle_log_loss
 from pipeline.core.params import Head, HeadTraining, Train
 
@@ -57,8 +57,9 @@ class ValidationLogLoss(keras.callbacks.Callback):
     The validation rows are scored with `predict`, not through `fit(validation_data=...)`: Keras' evaluation
     step fails under `MirroredStrategy` whenever the last validation batch does not split evenly over the
     replicas (Keras 3.15 on TensorFlow 2.21: "Inputs to operation AddN ... must have the same size and
-    shape"), while `predict` handles it. Put it first among the callbacks, so early stopping and loggers
-    see the numbers it adds.
+    shape"), while `predict` handles it (under `MultiWorkerMirroredStrategy`, each worker scores every row
+    itself: `pipeline.core.devices.predict`).
+    Put it first among the callbacks, so early stopping and loggers see the numbers it adds.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
@@ -66,7 +67,7 @@ class ValidationLogLoss(keras.callbacks.Callback):
         self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        proba = as_class_columns(self.model.predict(self.x, batch_size=self.batch_size, verbose=0))
+        proba = as_class_columns(predict(self.model, self.x, self.batch_size))
         if logs is not None:
             logs["val_loss"] = kaggle_log_loss(self.y, proba)
             logs["val_accuracy"] = accuracy(self.y, proba)
