@@ -35,9 +35,10 @@ ADDRESSES = ("192.0.2.10:2222", "192.0.2.11:2222")
 SETTINGS = {"model.head.dropout_in": 0.0, "model.head.dropout_out": 0.0, "cv.n_folds": 2, "train.epochs": 2,
             # Two steps an epoch, each split over the two workers, at a rate at which the head learns something.
             "train.batch_size": 16, "train.learning_rate": 0.05, "train.extract_batch_size": 128}
-#: Measured: the largest difference in any OOF probability between two workers and one process is ~1e-6
-#: (the order of float32 sums in the all-reduce); a fold trained differently moves them by ~1e-2.
-TOLERANCE = 1e-4
+#: On any OOF probability. Measured here: 3.4e-4 between two workers and one process (the all-reduce adds
+#: float32 gradients in another order, and Adam's normalised steps magnify that on near-zero gradients: with
+#: SGD the two agree to 6e-8), against 0.26 with dropout on, whose masks differ per replica.
+TOLERANCE = 2e-3
 TIMEOUT = 240  # seconds: a deadlocked collective op fails the test instead of hanging it
 
 
@@ -105,9 +106,9 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path):
 
     got, expected = (pd.read_csv(Path(x.paths.predictions) / "vgg16" / "oof.csv") for x in (settings[0], settings[2]))
     assert got["id"].tolist() == expected["id"].tolist()
-    print("MAXDIFF", np.abs(got[list(FISH_CLASSES)].to_numpy() - expected[list(FISH_CLASSES)].to_numpy()).max(), "SPREAD", np.abs(got[list(FISH_CLASSES)].to_numpy() - 1 / 8).max())
     np.testing.assert_allclose(got[list(FISH_CLASSES)], expected[list(FISH_CLASSES)], atol=TOLERANCE)
-    report = json.loads((Path(settings[0].paths.train_reports) / "vgg16.json").read_text())
+    report, alone = (json.loads((Path(x.paths.train_reports) / "vgg16.json").read_text()) for x in settings[::2])
+    assert report["cv_logloss"] == pytest.approx(alone["cv_logloss"], abs=TOLERANCE)
     assert report["devices"]["strategy"] == "MultiWorkerMirroredStrategy" and report["devices"]["workers"] == 2
     assert "MultiWorkerMirroredStrategy x2" in chief_log
 
