@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,14 @@ def train_inputs(root: Path, **overrides):
     views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
     np.save(s.paths.views, views)
     return s, manifest
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports on 127.0.0.1 that nothing listens on now (for a local multi-worker cluster)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

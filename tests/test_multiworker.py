@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 from pipeline.core.competition import FISH_CLASSES
 from pipeline.stages import train
-from tests.factories import ROOT, train_inputs
+from tests.factories import ROOT, free_ports, train_inputs
 
 README = ROOT / "README.md"
 SECTION = "### Training on several machines"
@@ -49,16 +48,6 @@ def machine_blocks() -> list[str]:
     blocks = [b for b in re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S) if "TF_CONFIG" in b]
     assert len(blocks) == 2 and all(a in b for a in ADDRESSES for b in blocks), "README: one block per machine"
     return blocks
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, str]]) -> list[str]:
