@@ -2,9 +2,10 @@
 
 Each "machine" is its own folder with its own copy of the same inputs (as two checkouts are), and runs its
 README block in bash with the block's addresses replaced by two free local ports; a third folder runs the
-same command without `TF_CONFIG`, as one process. The two workers must give that process's out-of-fold
-predictions, open exactly one MLflow run (with its fold runs), and the second worker must leave nothing in
-its folder's outputs, nor its throw-away folder behind.
+same command without `TF_CONFIG`, as one process. First both workers are killed after their first fold;
+then the README's blocks resume them. The two workers must skip the fold they finished, give that
+process's out-of-fold predictions, open exactly one MLflow run (with its fold runs), and the second worker
+must leave nothing in its folder's outputs, nor its throw-away folder behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -39,6 +41,17 @@ SETTINGS = {"model.head.dropout_in": 0.0, "model.head.dropout_out": 0.0, "cv.n_f
 #: SGD the two agree to 6e-8), against 0.26 with dropout on, whose masks differ per replica.
 TOLERANCE = 2e-3
 TIMEOUT = 240  # seconds: a deadlocked collective op fails the test instead of hanging it
+#: The stage, killed when its second fold starts, as a user's Ctrl-C or a lost machine would.
+KILLED = textwrap.dedent("""
+    from pipeline.stages import train
+    real = train.run_fold
+    def run_fold(k, *args, **kwargs):
+        if k == 1:
+            raise KeyboardInterrupt("killed after fold 0")
+        return real(k, *args, **kwargs)
+    train.run_fold = run_fold
+    train.main(["--backbone", "vgg16"])
+""")
 
 
 def machine_blocks() -> list[str]:
@@ -50,11 +63,14 @@ def machine_blocks() -> list[str]:
     return blocks
 
 
-def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, str]]) -> list[str]:
-    """Run each folder's bash script, all at once; wait for all (killing all after TIMEOUT); their logs."""
+def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, str]], killed: bool = False
+                 ) -> list[str]:
+    """Run each folder's bash script, all at once; wait for all (killing all after TIMEOUT); their logs.
+    They must all succeed, or with `killed`, all stop on the KeyboardInterrupt planted in `KILLED`."""
     procs, logs = [], []
     for folder, script, env in zip(folders, scripts, envs, strict=True):
-        (folder / ".venv").symlink_to(ROOT / ".venv")  # a checkout made as the README's first step says
+        if not (folder / ".venv").exists():
+            (folder / ".venv").symlink_to(ROOT / ".venv")  # a checkout made as the README's first step says
         log = open(folder / "run.log", "w")  # noqa: SIM115 - closed below, after the process ends
         logs.append(log)
         procs.append(subprocess.Popen(["bash", "-c", "set -e\n" + script], cwd=folder, env=env, stdout=log,
@@ -72,12 +88,13 @@ def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, s
             log.close()
     outputs = [(f / "run.log").read_text() for f in folders]
     for folder, p, out in zip(folders, procs, outputs, strict=True):
-        assert p.returncode == 0, f"{folder.name} ended with {p.returncode} (timeout {TIMEOUT}s?):\n{out[-4000:]}"
+        ok = p.returncode != 0 and "killed after fold 0" in out if killed else p.returncode == 0
+        assert ok, f"{folder.name} ended with {p.returncode} (timeout {TIMEOUT}s?):\n{out[-4000:]}"
     return outputs
 
 
 @pytest.mark.slow
-def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path):
+def test_two_workers_resume_train_as_one_process_and_only_the_chief_writes(tmp_path):
     blocks = machine_blocks()
     ports = free_ports(2)
     for address, port in zip(ADDRESSES, ports, strict=True):
@@ -91,7 +108,13 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path):
            "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
     env_single = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/single.db"}
     env_single.pop("TF_CONFIG", None)
+    env_killed = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/killed.db"}
+    command = ".venv/bin/python -m pipeline train --backbone vgg16"
+    killed = [b.replace(command, f".venv/bin/python -c '{KILLED}'") for b in blocks]
+    assert all(command in b for b in blocks) and all(command not in b for b in killed)
+    run_together(folders[:2], killed, [env_killed, env_killed], killed=True)
     chief_log, worker_log, _ = run_together(folders, [*blocks, one_process], [env, env, env_single])
+    assert all("fold 0: resumed" in log and "fold 1: val log loss" in log for log in (chief_log, worker_log))
 
     got, expected = (pd.read_csv(Path(x.paths.predictions) / "vgg16" / "oof.csv") for x in (settings[0], settings[2]))
     assert got["id"].tolist() == expected["id"].tolist()
@@ -108,12 +131,19 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path):
     scratch = re.search(r"this worker writes under (\S+)", worker_log).group(1)
     assert not Path(scratch).exists()
 
+    # One run per attempt, opened by the chief, with the fold runs of the folds that attempt trained.
+    assert runs_in(f"sqlite:///{tmp_path}/killed.db", settings[0]) == ("KILLED", ["vgg16-fold0"])
+    assert runs_in(uri, settings[0]) == ("FINISHED", ["vgg16-fold1"])
+
+
+def runs_in(uri: str, s: train.Settings) -> tuple[str, list[str]]:
+    """The status of the store's only top-level run, and the names of its children."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(settings[0].tracking.experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(s.tracking.experiment).experiment_id])
     top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_name for r in top] == ["vgg16"], "exactly one run, opened by the chief"
-    folds = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id)
-    assert folds == [f"vgg16-fold{k}" for k in range(settings[0].cv.n_folds)]
-    assert len(runs) == 1 + len(folds)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id]
+    assert len(runs) == 1 + len(children)
+    return top[0].info.status, sorted(r.info.run_name for r in children)
