@@ -63,10 +63,10 @@ def machine_blocks() -> list[str]:
     return blocks
 
 
-def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, str]], killed: bool = False
+def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, str]], killed: tuple[bool, ...] = ()
                  ) -> list[str]:
     """Run each folder's bash script, all at once; wait for all (killing all after TIMEOUT); their logs.
-    They must all succeed, or with `killed`, all stop on the KeyboardInterrupt planted in `KILLED`."""
+    Each must succeed, or where `killed` says so, stop on the KeyboardInterrupt planted by `KILLED`."""
     procs, logs = [], []
     for folder, script, env in zip(folders, scripts, envs, strict=True):
         if not (folder / ".venv").exists():
@@ -87,8 +87,8 @@ def run_together(folders: list[Path], scripts: list[str], envs: list[dict[str, s
         for log in logs:
             log.close()
     outputs = [(f / "run.log").read_text() for f in folders]
-    for folder, p, out in zip(folders, procs, outputs, strict=True):
-        ok = p.returncode != 0 and "killed after fold 0" in out if killed else p.returncode == 0
+    for folder, p, out, kill in zip(folders, procs, outputs, killed or (False,) * len(procs), strict=True):
+        ok = p.returncode != 0 and "killed after fold 0" in out if kill else p.returncode == 0
         assert ok, f"{folder.name} ended with {p.returncode} (timeout {TIMEOUT}s?):\n{out[-4000:]}"
     return outputs
 
@@ -112,8 +112,9 @@ def test_two_workers_resume_train_as_one_process_and_only_the_chief_writes(tmp_p
     command = ".venv/bin/python -m pipeline train --backbone vgg16"
     killed = [b.replace(command, f".venv/bin/python -c '{KILLED}'") for b in blocks]
     assert all(command in b for b in blocks) and all(command not in b for b in killed)
-    run_together(folders[:2], killed, [env_killed, env_killed], killed=True)
-    chief_log, worker_log, _ = run_together(folders, [*blocks, one_process], [env, env, env_single])
+    # The one process runs beside the killed attempt: it needs no cluster, and the cores are shared either way.
+    run_together(folders, [*killed, one_process], [env_killed, env_killed, env_single], killed=(True, True, False))
+    chief_log, worker_log = run_together(folders[:2], blocks, [env, env])
     assert all("fold 0: resumed" in log and "fold 1: val log loss" in log for log in (chief_log, worker_log))
 
     got, expected = (pd.read_csv(Path(x.paths.predictions) / "vgg16" / "oof.csv") for x in (settings[0], settings[2]))
@@ -131,8 +132,9 @@ def test_two_workers_resume_train_as_one_process_and_only_the_chief_writes(tmp_p
     scratch = re.search(r"this worker writes under (\S+)", worker_log).group(1)
     assert not Path(scratch).exists()
 
-    # One run per attempt, opened by the chief, with the fold runs of the folds that attempt trained.
-    assert runs_in(f"sqlite:///{tmp_path}/killed.db", settings[0]) == ("KILLED", ["vgg16-fold0"])
+    # One run per attempt, opened by the chief, with the fold runs of the folds that attempt started (the killed
+    # attempt's second fold run was open when the kill came).
+    assert runs_in(f"sqlite:///{tmp_path}/killed.db", settings[0]) == ("KILLED", ["vgg16-fold0", "vgg16-fold1"])
     assert runs_in(uri, settings[0]) == ("FINISHED", ["vgg16-fold1"])
 
 
