@@ -7,12 +7,13 @@ Phase 2 (`train.fine_tune.enabled`, for real data with ImageNet weights): the to
 the whole model is fine-tuned on images with online augmentation, starting from the fold's phase-1 head.
 
 Every fold is checkpointed under `paths.checkpoints/<backbone>/<fingerprint>/`; a killed run started again
-resumes at the first unfinished fold and produces the same predictions as an uninterrupted run.
+resumes at the first unfinished fold and produces the same predictions as an uninterrupted run. Out-of-fold
+(OOF) predictions cover every training image; test predictions average the test-time views and the folds.
+
 Under `TF_CONFIG` several machines train each model together (`MultiWorkerMirroredStrategy`): every worker
 runs the whole stage, only the chief writes into `paths` and to MLflow, the others write the same files into
 a throw-away folder (`pipeline.core.devices.write_path`), and a cache or a fold is reused only when every
-worker has it, since a worker that skipped a step would leave the others waiting in its collective ops. Out-of-fold
-(OOF) predictions cover every training image; test predictions average the test-time views and the folds.
+worker has it: a worker that skipped a step would leave the others waiting in its collective ops.
 
 The stage also measures how honest its validation is: it repeats phase 1 with the other fold scheme
 (`boat` vs `none`) and, when the source has a solution file, records each scheme's CV-to-stage-2 gap.
