@@ -26,11 +26,12 @@ def build_head(n_features: int, n_classes: int, units: int, dropout_in: float, d
     # Synchronised: under several replicas each one would otherwise normalise by its own slice of the batch, so
     # two GPUs (or two machines) would train a different head than one device does, and under
     # MultiWorkerMirroredStrategy each worker would keep different moving statistics. On one device it is
-    # the same layer.
-    x = layers.BatchNormalization(synchronized=True, name="head_bn_in")(inputs)
+    # the same layer. Only TensorFlow has it (bench.gpu builds this head under JAX, on one device).
+    sync = keras.backend.backend() == "tensorflow"
+    x = layers.BatchNormalization(synchronized=sync, name="head_bn_in")(inputs)
     x = layers.Dropout(dropout_in, name="head_dropout_in")(x)
     x = layers.Dense(units, use_bias=False, name="head_dense")(x)
-    x = layers.BatchNormalization(synchronized=True, name="head_bn")(x)
+    x = layers.BatchNormalization(synchronized=sync, name="head_bn")(x)
     x = layers.Activation("relu", name="head_relu")(x)
     x = layers.Dropout(dropout_out, name="head_dropout_out")(x)
     # float32 softmax even under mixed precision: float16 probabilities underflow the log loss.
