@@ -7,8 +7,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PYTEST_ARGS ?=
+# `make team-server HOST=0.0.0.0 PORT=5001`: set on the command line only (`:=`), so a shell's own HOST
+# variable (zsh sets one to the machine's name) never opens the server to the network.
+HOST := 127.0.0.1
+PORT := 5000
+TEAM_DIR := .team
+ALLOWED_HOSTS :=
 
-.PHONY: venv repro test test-fast bench tables ui download submit lint browser clean
+.PHONY: venv repro test test-fast bench tables ui team-server postgres download submit lint browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +34,14 @@ browser:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "note: chromium not installed; the browser test will be skipped"; }
 
-test: venv browser
+## PostgreSQL for `make team-server` and its test: Debian's package, installed when we are root and it is missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	  || echo "note: PostgreSQL not installed; the team-server test will be skipped"; }
+
+test: venv browser postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## The suite without the tests marked slow (whole DVC graphs, multi-device, fine-tuning, resume and browser runs).
@@ -46,6 +59,12 @@ tables: venv
 ## The MLflow UI on loopback only, against the project's tracking store.
 ui: venv
 	$(PY) -m pipeline ui
+
+## A team's tracking server: MLflow on PostgreSQL (a cluster in TEAM_DIR unless MLFLOW_BACKEND_URI names one),
+## artifacts served by it; on 127.0.0.1:5000 unless `make team-server HOST=0.0.0.0 PORT=...`.
+team-server: venv postgres
+	$(PY) -m pipeline team_server --host $(HOST) --port $(PORT) --dir $(TEAM_DIR) \
+	  $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 ## Fetch the competition files with the official kaggle client (never part of dvc repro).
 download: venv

@@ -66,6 +66,12 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
         "cv.n_folds": 3,
         "augment.train_views": 1,
         "augment.tta_views": 2,
+        "localise.width": 64,
+        "localise.height": 48,
+        "localise.channels": 8,
+        "localise.epochs": 2,
+        "crops.backbones": ["vgg16"],
+        "crops.image_size": 32,
     }
     write_params(root, {**small, **overrides}, raw)
     return raw
@@ -211,13 +217,14 @@ def train_inputs(root: Path, **overrides):
 
     Returns the stage's settings and the manifest. The same call in two folders gives the same inputs.
     """
+    from pipeline.core.augmentation import make_views
     from pipeline.core.params import load
-    from pipeline.stages import augment, train
+    from pipeline.stages import train
 
     raw = tiny_params(root, **overrides)
     manifest = synthetic_images(root, raw)
     s = load(train.Settings, root / "params.yaml")
-    views = augment.make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
+    views = make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
     np.save(s.paths.views, views)
     return s, manifest
 

@@ -7,10 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.core.augmentation import NightVision, train_policy
+from pipeline.core.augmentation import NightVision, make_views, train_policy
 from pipeline.core.batches import AugmentedBatches
 from pipeline.core.params import Augment
-from pipeline.stages import augment
 from tests.factories import section
 
 
@@ -25,20 +24,20 @@ def images(n: int = 6, size: int = 24) -> np.ndarray:
 
 def test_views_are_the_test_time_flips_then_training_draws_for_training_rows_only(cfg):
     x, is_train = images(), np.array([True, True, True, True, False, False])
-    views = augment.make_views(x, is_train, cfg, seed=1)
+    views = make_views(x, is_train, cfg, seed=1)
     assert views.shape == (5, *x.shape) and views.dtype == np.uint8
     np.testing.assert_array_equal(views[0], x)
     np.testing.assert_array_equal(views[1], x[:, :, ::-1])  # horizontal flip
     np.testing.assert_array_equal(views[2], x[:, ::-1])  # vertical flip
     assert not views[3:, ~is_train].any()  # test images get no training draws
     assert all((views[v, i] != x[i]).any() for v in (3, 4) for i in np.flatnonzero(is_train))
-    np.testing.assert_array_equal(augment.make_views(x, is_train, cfg, seed=1), views)  # reproducible
-    assert (augment.make_views(x, is_train, cfg, seed=2)[3:] != views[3:]).any()
+    np.testing.assert_array_equal(make_views(x, is_train, cfg, seed=1), views)  # reproducible
+    assert (make_views(x, is_train, cfg, seed=2)[3:] != views[3:]).any()
 
 
 def test_too_many_test_time_views_are_refused(cfg):
     with pytest.raises(ValueError, match="tta_views"):
-        augment.make_views(images(), np.ones(6, bool), dataclasses.replace(cfg, tta_views=5), seed=0)
+        make_views(images(), np.ones(6, bool), dataclasses.replace(cfg, tta_views=5), seed=0)
 
 
 def test_night_vision_is_green_and_flat():

@@ -35,6 +35,9 @@ ELSEWHERE: dict[str, str] = {
     "make bench": "minutes of timing on an idle machine; bench/ is run by hand, its figures are in the README",
     "make tables": "test_make_tables_rewrites_only_the_tables_from_the_clones_reports runs it in the clone",
     ".venv/bin/pip install -e '.[gpu]'": "installs gigabytes of CUDA wheels, for machines with a GPU",
+    "make team-server": "test_team_server.py runs it in a fresh shell in a clone (its TEAM_DIR under /tmp, where "
+    "PostgreSQL's own user can reach it), tracks stages into it and stops it with Ctrl-C",
+    "make postgres": "`make test` runs it before the suite (test_team_server.py needs what it installs)",
 }
 #: The two machines' blocks of "Training on several machines" wait for each other, so one shell cannot run them
 #: one after the other: tests/test_multiworker.py runs both at once, on two local ports.
@@ -96,11 +99,11 @@ def _run_here() -> list[str]:
 
 @pytest.mark.slow
 def test_the_readmes_commands_work_in_a_fresh_shell(demo_project):
-    """Each block pasted into a new shell: the queued experiments, their table, their plots."""
+    """Each block pasted into a new shell: two queued experiments run at once, their table, their plots."""
     work, _ = demo_project
     outputs = "".join(run(script, work, fresh_env(work), timeout=1500) for script in scripts())
     shown = outputs[outputs.index("Experiment"):] if "Experiment" in outputs else outputs
-    for name in ("vgg-only", "resnet-128", "random-folds"):
+    for name in ("resnet-128", "random-folds"):
         assert name in shown, f"experiment {name} missing from dvc exp show:\n{shown}"
     assert (work / "dvc_plots" / "index.html").is_file()
     params = (work / "params.yaml").read_text()
@@ -111,7 +114,13 @@ def test_the_readmes_commands_work_in_a_fresh_shell(demo_project):
     client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")  # the clone's own store, as its stages found it
     runs = client.search_runs([client.get_experiment_by_name("fisheries").experiment_id], max_results=500)
     names = {r.data.tags.get("dvc_exp_name") for r in runs}
-    assert {"vgg-only", "resnet-128", "random-folds"} <= names  # every experiment's runs land in the store
+    assert {"resnet-128", "random-folds"} <= names  # every experiment's runs land in the store
+    by_exp = {n: [r for r in runs if r.data.tags.get("dvc_exp_name") == n] for n in ("resnet-128", "random-folds")}
+    assert {r.info.run_name for r in by_exp["resnet-128"]} >= {"resnet50 @ resnet-128", "ensemble @ resnet-128"}
+    assert all(r.info.status == "FINISHED" for rs in by_exp.values() for r in rs)
+    # `dvc queue start -j 2`: the two experiments ran at the same time (their runs' spans overlap).
+    spans = [(min(r.info.start_time for r in rs), max(r.info.end_time for r in rs)) for rs in by_exp.values()]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f"the experiments ran one after the other: {spans}"
     leaky = [r for r in runs if r.data.tags.get("dvc_exp_name") == "random-folds" and r.data.params.get("cv.group_by")]
     assert leaky and all(r.data.params["cv.group_by"] == "none" and r.data.params["model.image_size"] == "32"
                          for r in leaky)

@@ -289,15 +289,16 @@ def test_served_model_reproduces_the_pipelines_own_test_predictions(tmp_path):
     then the ensemble's calibration": what the served model computes from raw pixels. This is the check that
     the train stage and serving rebuild the same random-weight extractor from `extractor.json`.
     """
+    from pipeline.core.augmentation import make_views
     from pipeline.core.params import load
-    from pipeline.stages import augment, ensemble, train
+    from pipeline.stages import ensemble, train
     from tests.factories import synthetic_images, tiny_params
 
     raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2})
     manifest = synthetic_images(tmp_path, raw, n_train=48, n_test=6)
     pixels = np.load(raw["paths"]["images"])
     settings = load(train.Settings, tmp_path / "params.yaml")
-    views = augment.make_views(pixels, (manifest.split == "train").to_numpy(), settings.augment, seed=settings.seed)
+    views = make_views(pixels, (manifest.split == "train").to_numpy(), settings.augment, seed=settings.seed)
     np.save(raw["paths"]["views"], views)
     train.run("vgg16", settings)
     paths = settings.paths

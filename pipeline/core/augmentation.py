@@ -9,6 +9,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.core.params import Augment
 
@@ -52,6 +53,19 @@ def train_policy(cfg: Augment) -> A.Compose:
     )
 
 
+def photometric_policy(cfg: Augment) -> A.Compose:
+    """What varies between boats and cameras but does not move anything: light, colour, grey and night vision.
+    The localiser's augmentation (its flips move the boxes and are done beside it)."""
+    return A.Compose(
+        [
+            A.RandomBrightnessContrast(cfg.brightness_contrast, cfg.brightness_contrast, p=0.7),
+            A.HueSaturationValue(cfg.hue_shift * 1.5, cfg.hue_shift * 2.5, cfg.hue_shift * 1.5, p=0.7),
+            A.ToGray(p=0.1),
+            NightVision(p=cfg.night_vision),
+        ]
+    )
+
+
 def draw_rows(images: np.ndarray, rows: np.ndarray, policy: A.Compose, seed: int) -> np.ndarray:
     """One batch of policy draws: `images[rows]` augmented from a generator seeded by `seed`, uint8."""
     policy.set_random_seed(seed)
@@ -78,3 +92,25 @@ def tta_view(image: np.ndarray, v: int) -> np.ndarray:
     if v == 0:
         return image
     return cv2.flip(image, {1: 1, 2: 0, 3: -1}[v])
+
+
+def make_views(
+    images: np.ndarray, is_train: np.ndarray, cfg: Augment, seed: int, out: np.ndarray | None = None,
+    desc: str = "augment",
+) -> np.ndarray:
+    """Fill (or return) the (tta_views + train_views, N, S, S, 3) uint8 array of views."""
+    if not 1 <= cfg.tta_views <= TTA_MAX:
+        raise ValueError(f"augment.tta_views must be between 1 and {TTA_MAX}, got {cfg.tta_views}")
+    n_views = cfg.tta_views + cfg.train_views
+    if out is None:
+        out = np.zeros((n_views, *images.shape), dtype=np.uint8)
+    policy = train_policy(cfg)
+    policy.set_random_seed(seed)
+    for i in tqdm(range(len(images)), desc=desc, unit="img", mininterval=2):
+        image = np.asarray(images[i])
+        for v in range(cfg.tta_views):
+            out[v, i] = tta_view(image, v)
+        if is_train[i]:
+            for v in range(cfg.tta_views, n_views):
+                out[v, i] = policy(image=image)["image"]
+    return out

@@ -58,6 +58,11 @@ class Paths:
     solution_boxes: str
     boxes: str
     ensemble_report: str
+    localiser: str
+    localised: str
+    localise_report: str
+    crop_images: str
+    crop_views: str
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,30 @@ class Augment:
     night_vision: float
     blur: float
     preview_samples: int
+
+
+@dataclass(frozen=True)
+class Localise:
+    """The fish localiser (`pipeline.core.localiser`): its input, its size and how long it trains per fold."""
+
+    width: int  # the letterboxed input, multiples of 16
+    height: int
+    channels: int  # at stride 4; the net has about 420 x channels^2 weights
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    flip_tta: bool  # average the maps of each frame and its mirror image
+
+
+@dataclass(frozen=True)
+class Crops:
+    """What the crop classifiers see: a square around the localised fish, cut from the original frame."""
+
+    backbones: tuple[str, ...]  # one crop classifier per backbone: train-crop@<backbone>, named <backbone>-crop
+    image_size: int
+    margin: float  # added on every side, as a share of the box's longer side
+    min_side: int  # the smallest square cut, in original-frame pixels (a tiny or empty box still shows the deck)
+    boxes: Literal["localised", "truth"]  # truth: the annotation boxes where there are some (what-if only)
 
 
 @dataclass(frozen=True)
@@ -267,6 +296,8 @@ SECTIONS: dict[str, type] = {
     "ingest": Ingest,
     "augment": Augment,
     "cv": Cv,
+    "localise": Localise,
+    "crops": Crops,
     "model": Model,
     "train": Train,
     "ensemble": Ensemble,

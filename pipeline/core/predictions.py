@@ -15,8 +15,15 @@ import pandas as pd
 
 from pipeline.core.competition import FISH_CLASSES
 from pipeline.core.metrics import normalise_rows
+from pipeline.core.params import Crops, Model
 
 TEST_SETS: tuple[str, ...] = ("test_stg1", "test_stg2")
+
+
+def model_names(model: Model, crops: Crops) -> tuple[str, ...]:
+    """Every classifier the ensemble combines, as its prediction folder is named: the whole-frame models
+    (`model.backbones`), then the crop models (`crops.backbones`, each `<backbone>-crop`)."""
+    return (*model.backbones, *(f"{b}-crop" for b in crops.backbones))
 
 
 @dataclass(frozen=True)

@@ -140,16 +140,21 @@ def as_sources(model_input: Any) -> tuple[list[bytes | np.ndarray], Any]:
 
 
 def decoded(source: bytes | np.ndarray, size: int, mode: str) -> np.ndarray:
-    """The RGB frame ingest would have decoded for this image (a large JPEG at reduced scale for `size`)."""
+    """The RGB frame ingest would have decoded for this image (a large JPEG at reduced scale for `size`; 0:
+    at full resolution, as the crop stage decodes)."""
+    return decoded_with_size(source, size, mode)[0]
+
+
+def decoded_with_size(source: bytes | np.ndarray, size: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decoded`, and the original frame's (width, height), which a reduced-scale decode does not show."""
     from pipeline.core.decode import decode_bytes
 
     if isinstance(source, bytes):
-        out = decode_bytes(source, size, mode)
-        rgb, reason = out[0], out[2]  # (rgb, conversion note, quarantine reason, ...)
+        rgb, _, reason, original = decode_bytes(source, size, mode)
         if rgb is None:
             raise ServingError(f"cannot use this image: {reason}")
-        return rgb
-    return source
+        return rgb, original
+    return source, (source.shape[1], source.shape[0])
 
 
 def to_square(source: bytes | np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -191,6 +196,32 @@ class EnsembleModel(PythonModel):
         for entry in self.settings["backbones"]:
             self.extractors.append(None if entry.get("fine_tuned") else load_extractor(entry, folder))
             self.heads.append([keras.saving.load_model(folder / h, compile=False) for h in entry["heads"]])
+        localiser = self.settings.get("localiser")
+        self.localisers = [keras.saving.load_model(folder / m, compile=False) for m in localiser["models"]] \
+            if localiser else []
+
+    def crops(self, sources: list[bytes | np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
+        """The crop stage's crops: the fold localisers' averaged maps on the letterboxed frame (decoded as the
+        localise stage decodes it) give the box, cut from the frame at full resolution."""
+        from pipeline.core.crops import cut
+        from pipeline.core.localiser import Letterbox, decode, letterbox, predict_maps
+
+        cfg = self.settings["localiser"]
+        w, h = cfg["width"], cfg["height"]
+        inputs, sizes = [], []
+        for src in sources:
+            rgb, size = decoded_with_size(src, max(w, h), "pad")
+            inputs.append(letterbox(rgb, w, h))
+            sizes.append(size)
+        inputs = np.stack(inputs)
+        maps = np.mean([predict_maps(m, inputs, flip=cfg["flip_tta"]) for m in self.localisers], axis=0)
+        crop = entry["crop"]
+        out = []
+        for src, m, (fw, fh) in zip(sources, maps, sizes, strict=True):
+            d = decode(m, Letterbox.fit(fw, fh, w, h), w, h)
+            out.append(cut(decoded(src, 0, "pad"), (d.x, d.y, d.width, d.height), crop["margin"],
+                           crop["min_side"], entry["image_size"]))
+        return np.stack(out)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -206,23 +237,31 @@ class EnsembleModel(PythonModel):
         frames: dict[int, list[np.ndarray]] = {}
         squares: dict[int, np.ndarray] = {}
         per_model = []
+        crops: dict[tuple, np.ndarray] = {}
         for entry, extractor, heads in zip(self.settings["backbones"], self.extractors, self.heads, strict=True):
             size = entry["image_size"]
-            if size not in squares:
-                frames[size] = [decoded(src, size, mode) for src in sources]
-                squares[size] = np.stack([fit_square(f, size, mode) for f in frames[size]])
-            # A backbone's prediction is the mean of its fold models, as for the pipeline's test predictions:
+            if entry.get("input", "frames") == "crops":
+                key = (size, entry["crop"]["margin"], entry["crop"]["min_side"])
+                if key not in crops:
+                    crops[key] = self.crops(sources, entry)
+                pixels = crops[key]
+            else:
+                if size not in squares:
+                    frames[size] = [decoded(src, size, mode) for src in sources]
+                    squares[size] = np.stack([fit_square(f, size, mode) for f in frames[size]])
+                pixels = squares[size]
+            # A model's prediction is the mean of its fold models, as for the pipeline's test predictions:
             # fold heads on the shared frozen extractor's features, or fine-tuned classifiers on the pixels.
             if extractor is None:
-                per_model.append(np.mean([_batched(c, squares[size], batch_size) for c in heads], axis=0))
+                per_model.append(np.mean([_batched(c, pixels, batch_size) for c in heads], axis=0))
             else:
-                features = _batched(extractor, squares[size], batch_size)
+                features = _batched(extractor, pixels, batch_size)
                 per_model.append(np.mean([_batched(h, features, 1024) for h in heads], axis=0))
         keys = None
         smoothing = self.settings["fitted"].get("smoothing", 0.0)
         if smoothing and params.get("smoothing", True) and len(sources) > 1 and self.settings.get("bursts"):
-            # Hashed on the frame decoded for the first backbone's size: ingest decodes at model.image_size.
-            first = next(iter(frames.values()))
+            # Hashed on the frame decoded for the frame models' size, as ingest decodes at model.image_size.
+            first = next(iter(frames.values())) if frames else [decoded(s_, 0, mode) for s_ in sources]
             keys = burst_keys(first, self.settings["bursts"]["hash_size"], self.settings["bursts"]["max_bits"])
         proba = combine(per_model, self.settings, keys)
         return pd.DataFrame(proba, columns=self.classes, index=index)
@@ -273,11 +312,13 @@ def ensemble_settings(
     backbones: Sequence[str] | None = None,
     resize: str = "pad",
     bursts: Mapping[str, int] | None = None,
+    localiser: str | Path | None = None,
 ) -> dict[str, Any]:
     """Everything the served model needs, read from the train and ensemble stages' outputs (no files copied).
 
     `bursts` is `{"hash_size", "max_bits"}` (ingest's `group_hash_size` and `near_duplicate_bits`), how the
-    served model finds bursts among the images of one call; None: it never smooths."""
+    served model finds bursts among the images of one call; None: it never smooths. `localiser` is the localise
+    stage's folder (`paths.localiser`: fold models and settings), which crop models need."""
     if "fitted" not in report:
         raise ServingError(
             "this ensemble report has no 'fitted' entry (written by the ensemble stage since the served model "
@@ -306,9 +347,24 @@ def ensemble_settings(
             raise ServingError(f"no {what} in {folder / 'models'} ({found}, written by train)")
         entries.append({
             **{k: ext[k] for k in ("backbone", "image_size", "weights", "pooling", "seed")},
+            "name": bb,
+            "input": ext.get("input", "frames"),
+            **({"crop": ext["crop"]} if ext.get("input") == "crops" else {}),
             "fine_tuned": bool(ext.get("fine_tuned")),
             "head_paths": [str(h) for h in models],
         })
+    located = None
+    if any(e["input"] == "crops" for e in entries):
+        folder = Path(localiser) if localiser is not None else None
+        if folder is None or not (folder / "settings.json").is_file():
+            raise ServingError(f"crop models need the localise stage's models and settings.json (paths.localiser), "
+                               f"not found in {folder}")
+        cfg = json.loads((folder / "settings.json").read_text())
+        paths = sorted(folder.glob("fold*.keras"), key=lambda p: int(p.stem.removeprefix("fold")))
+        if len(paths) != cfg["folds"]:
+            raise ServingError(f"{folder} holds {len(paths)} fold localisers, its settings.json says {cfg['folds']}")
+        located = {"width": cfg["width"], "height": cfg["height"], "flip_tta": cfg["flip_tta"],
+                   "model_paths": [str(p) for p in paths]}
     from pipeline.core.competition import FISH_CLASSES
 
     prior = report.get("prior") or {}
@@ -325,6 +381,7 @@ def ensemble_settings(
         },
         "bursts": None if bursts is None else {"hash_size": int(bursts["hash_size"]),
                                                "max_bits": int(bursts["max_bits"])},
+        "localiser": located,
         "cv_logloss": report.get("chosen", {}).get("cv_logloss"),
     }
 
@@ -336,9 +393,18 @@ def stage_model(settings: Mapping[str, Any], folder: Path, extractors: str = "au
     if extractors not in ("auto", "rebuild", "file"):
         raise ServingError(f"extractors must be auto, rebuild or file, not {extractors!r}")
     out = {**settings, "backbones": [], "keras_version": keras.__version__}
+    if settings.get("localiser"):
+        located = dict(settings["localiser"])
+        (folder / "localiser").mkdir(parents=True, exist_ok=True)
+        located["models"] = []
+        for path in located.pop("model_paths"):
+            rel = f"localiser/{Path(path).name}"
+            keras.saving.load_model(path, compile=False).save(folder / rel)
+            located["models"].append(rel)
+        out["localiser"] = located
     for entry in settings["backbones"]:
         entry = dict(entry)
-        bb = entry["backbone"]
+        bb = entry.get("name", entry["backbone"])
         (folder / "heads" / bb).mkdir(parents=True, exist_ok=True)
         entry["heads"] = []
         for head in entry.pop("head_paths"):
@@ -379,7 +445,7 @@ def _requirements() -> list[str]:
 
 def _copy_package(dest: Path) -> Path:
     """The `pipeline` package's sources (no caches), so the logged model loads without this checkout."""
-    src = Path(__file__).resolve().parent
+    src = Path(__file__).resolve().parents[1]  # the whole package, not only this layer
     target = dest / "pipeline"
 
     def skip(folder: str, names: list[str]) -> list[str]:
@@ -402,6 +468,7 @@ def log_ensemble_model(
     alias: str = "champion",
     pool: str | None = None,
     bursts: Mapping[str, int] | None = None,
+    localiser: str | Path | None = None,
 ) -> dict[str, Any] | None:
     """Log the ensemble as a pyfunc model in the open MLflow run, and optionally register it.
 
@@ -426,7 +493,7 @@ def log_ensemble_model(
             report = ensemble_report
             if not isinstance(report, Mapping):
                 report = json.loads(Path(report).read_text())
-            settings = ensemble_settings(predictions_dir, report, backbones, resize, bursts)
+            settings = ensemble_settings(predictions_dir, report, backbones, resize, bursts, localiser)
             folder.mkdir()
             staged = stage_model(settings, folder, extractors)
             code = _copy_package(Path(tmp) / "code")
@@ -450,7 +517,7 @@ def log_ensemble_model(
                     code_paths=[str(code)],
                     pip_requirements=_requirements(),
                     metadata={"classes": staged["classes"], "method": staged["method"],
-                              "backbones": [b["backbone"] for b in staged["backbones"]]},
+                              "backbones": [b.get("name", b["backbone"]) for b in staged["backbones"]]},
                 )
         except Exception as exc:  # noqa: BLE001 - tracking must never break a stage
             tracking.report_failure("log_ensemble_model", exc)

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.core.augmentation import TTA_MAX, train_policy, tta_view
+from pipeline.core.augmentation import make_views, train_policy
 from pipeline.core.files import atomic_path, save_figure
 from pipeline.core.manifest import read_manifest
 from pipeline.core.params import Augment, Paths, load, stage_parser
@@ -29,27 +28,6 @@ class Settings:
     seed: int
     paths: Paths
     augment: Augment
-
-
-def make_views(
-    images: np.ndarray, is_train: np.ndarray, cfg: Augment, seed: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Fill (or return) the (tta_views + train_views, N, S, S, 3) uint8 array of views."""
-    if not 1 <= cfg.tta_views <= TTA_MAX:
-        raise ValueError(f"augment.tta_views must be between 1 and {TTA_MAX}, got {cfg.tta_views}")
-    n_views = cfg.tta_views + cfg.train_views
-    if out is None:
-        out = np.zeros((n_views, *images.shape), dtype=np.uint8)
-    policy = train_policy(cfg)
-    policy.set_random_seed(seed)
-    for i in tqdm(range(len(images)), desc="augment", unit="img", mininterval=2):
-        image = np.asarray(images[i])
-        for v in range(cfg.tta_views):
-            out[v, i] = tta_view(image, v)
-        if is_train[i]:
-            for v in range(cfg.tta_views, n_views):
-                out[v, i] = policy(image=image)["image"]
-    return out
 
 
 def preview(images: np.ndarray, labels: list[str], cfg: Augment, seed: int):

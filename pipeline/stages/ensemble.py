@@ -27,8 +27,8 @@ from pipeline.core.ensembling import HONESTY, Candidate, evaluate, fit_ensemble,
 from pipeline.core.files import file_digest, save_figure, write_csv, write_json
 from pipeline.core.manifest import bursts_of, read_manifest, train_labels
 from pipeline.core.metrics import accuracy, kaggle_log_loss
-from pipeline.core.params import Cv, Ensemble, Ingest, Model, Paths, Tracking, flatten, load, stage_parser
-from pipeline.core.predictions import prediction_frame, read_predictions
+from pipeline.core.params import Crops, Cv, Ensemble, Ingest, Model, Paths, Tracking, flatten, load, stage_parser
+from pipeline.core.predictions import model_names, prediction_frame, read_predictions
 
 #: The MLflow tag holding the SHA-1 of the report file this run wrote.
 REPORT_TAG = tracking.REPORT_TAG
@@ -41,7 +41,8 @@ CV_BASIS = ("out of fold, nothing fitted on the scored rows: single models raw, 
 @dataclass(frozen=True)
 class Settings:
     paths: Paths
-    model: Model
+    model: Model  # model.backbones: the whole-frame models
+    crops: Crops  # crops.backbones: the crop models, <backbone>-crop
     ingest: Ingest  # resize, and how the served model finds bursts (group_hash_size, near_duplicate_bits)
     cv: Cv  # group_by: named in the comparison pool (the folds themselves come from the OOF files)
     ensemble: Ensemble
@@ -64,7 +65,7 @@ def burst_summary(bursts: np.ndarray) -> dict[str, int]:
 
 def run(s: Settings) -> dict[str, object]:
     """The whole stage without MLflow: read, evaluate, write predictions, metrics, report and figure."""
-    paths, models, cfg = s.paths, s.model.backbones, s.ensemble
+    paths, models, cfg = s.paths, model_names(s.model, s.crops), s.ensemble
     preds = read_predictions(paths.predictions, models)
     manifest = read_manifest(paths.manifest)
     y = train_labels(manifest, preds.ids, paths.manifest)
@@ -164,7 +165,8 @@ def log_to_mlflow(s: Settings, report: dict[str, object]) -> str | None:
     (`tracking.find_run`): the report itself stays a function of the stage's inputs, with no run id in it.
     It is tagged with its comparison pool too, the only runs its model competes with for `champion`.
     """
-    params = {**flatten(s.ensemble, "ensemble."), "model.backbones": list(s.model.backbones)}
+    params = {**flatten(s.ensemble, "ensemble."), "model.backbones": list(s.model.backbones),
+              "crops.backbones": list(s.crops.backbones)}
     pool = report["pool"]
     tags = {REPORT_TAG: file_digest(s.paths.ensemble_report), tracking.POOL_TAG: pool["key"],
             "pool.images": f"{pool['n_train']} training images, digest {pool['data']}",
@@ -189,7 +191,8 @@ def log_to_mlflow(s: Settings, report: dict[str, object]) -> str | None:
         # The whole ensemble as one model that predicts from raw images, registered; `champion` points at the
         # version of this pool with the lowest headline CV (unless another fold scheme on these images holds it).
         serving.log_ensemble_model(
-            s.paths.predictions, report, s.model.backbones, resize=s.ingest.resize,
+            s.paths.predictions, report, model_names(s.model, s.crops), resize=s.ingest.resize,
+            localiser=s.paths.localiser,
             registered_model=s.tracking.registered_model, metric_key="cv_logloss", pool=pool["key"],
             bursts={"hash_size": s.ingest.group_hash_size, "max_bits": s.ingest.near_duplicate_bits},
         )

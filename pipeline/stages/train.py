@@ -1,4 +1,9 @@
-"""Train stage: cross-validated transfer learning for one backbone (`python -m pipeline train --backbone vgg16`).
+"""Train stage: cross-validated transfer learning for one backbone on one input (`python -m pipeline train
+--backbone vgg16`; `--input crops` for the crop classifier `vgg16-crop`).
+
+The input is whole frames (`paths.images`, `paths.views`, at `model.image_size`: dvc.yaml's `train@<backbone>`)
+or the crops around the localised fish (`paths.crop_images`, `paths.crop_views`, at `crops.image_size`:
+`train-crop@<backbone>`); everything else is the same code, so the two families are scored the same way.
 
 Phase 1 (always): the frozen backbone runs once over every stored view of every image and its pooled
 embeddings are cached; the dropout + batch-norm head is then trained for each fold on that cache. K-fold CV
@@ -59,7 +64,7 @@ from pipeline.core.folds import assign_folds
 from pipeline.core.heads import ValidationLogLoss, balanced_class_weight, fit_head
 from pipeline.core.manifest import read_manifest, train_labels
 from pipeline.core.metrics import accuracy, kaggle_log_loss, prior_log_loss
-from pipeline.core.params import Augment, Cv, Model, Paths, Tracking, Train, flatten, load, stage_parser
+from pipeline.core.params import Augment, Crops, Cv, Model, Paths, Tracking, Train, flatten, load, stage_parser
 from pipeline.core.predictions import TEST_SETS, prediction_frame
 
 N_CLASSES = len(FISH_CLASSES)
@@ -78,6 +83,40 @@ class Settings:
     train: Train
     augment: Augment
     tracking: Tracking
+
+
+@dataclass(frozen=True)
+class CropSettings(Settings):
+    """What a crop classifier reads besides: where and how big its crops are."""
+
+    crops: Crops
+
+
+#: The settings each input reads, and (for tests/test_dvc_graph.py) the paths only that input touches.
+SETTINGS = {"frames": Settings, "crops": CropSettings}
+PATHS_BY_INPUT = {"frames": ("images", "views"), "crops": ("crop_images", "crop_views")}
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """One model of the ensemble: a backbone on an input, whole frames or the crops around the fish."""
+
+    backbone: str
+    input: str  # frames | crops
+    image_size: int
+    images: str  # the cache the input's views were drawn from (fine-tuning augments it online)
+    views: str
+
+    @property
+    def name(self) -> str:
+        """How its outputs, reports and MLflow runs are named: `vgg16`, or `vgg16-crop`."""
+        return self.backbone if self.input == "frames" else f"{self.backbone}-crop"
+
+
+def classifier(backbone: str, s: Settings) -> Classifier:
+    if isinstance(s, CropSettings):
+        return Classifier(backbone, "crops", s.crops.image_size, s.paths.crop_images, s.paths.crop_views)
+    return Classifier(backbone, "frames", s.model.image_size, s.paths.images, s.paths.views)
 
 
 @dataclass(frozen=True)
@@ -134,14 +173,13 @@ def split_data(s: Settings, manifest: pd.DataFrame) -> Split:
 # --------------------------------------------------------------------------------------------- embeddings
 
 
-def extractor_settings(backbone: str, s: Settings) -> dict:
-    return {
-        "backbone": backbone,
-        "image_size": s.model.image_size,
-        "weights": s.model.weights,
-        "pooling": s.model.pooling,
-        "seed": s.seed,
-    }
+def extractor_settings(clf: Classifier, s: Settings) -> dict:
+    """How to rebuild the frozen extractor, and what it looks at (serving reads both from extractor.json)."""
+    ext = {"backbone": clf.backbone, "image_size": clf.image_size, "weights": s.model.weights,
+           "pooling": s.model.pooling, "seed": s.seed, "input": clf.input}
+    if isinstance(s, CropSettings):
+        ext["crop"] = {"margin": s.crops.margin, "min_side": s.crops.min_side, "boxes": s.crops.boxes}
+    return ext
 
 
 def view_rows(n_views: int, tta_views: int, is_train: np.ndarray) -> list[np.ndarray]:
@@ -366,20 +404,20 @@ class Checkpoints:
                 shutil.rmtree(other) if other.is_dir() else other.unlink()
 
 
-def cross_validate(backbone: str, feats: np.ndarray, data: Split, ext: dict, ckpt: Checkpoints, s: Settings
+def cross_validate(clf: Classifier, feats: np.ndarray, data: Split, ext: dict, ckpt: Checkpoints, s: Settings
                    ) -> CrossValidation:
     """Every fold, resumed from its checkpoint when there is one, with a nested MLflow run per fold."""
     cv = CrossValidation(np.zeros((len(data.y), N_CLASSES)), np.zeros((len(data.test_rows), N_CLASSES)))
     inputs = None
     if s.train.fine_tune.enabled:
-        inputs = FineTuneInputs(np.load(s.paths.images, mmap_mode="r"), np.load(s.paths.views, mmap_mode="r"))
+        inputs = FineTuneInputs(np.load(clf.images, mmap_mode="r"), np.load(clf.views, mmap_mode="r"))
     for k in range(s.cv.n_folds):
         res = ckpt.load(k)
         if everyone(res is not None):
             print(f"fold {k}: resumed from {ckpt.dir}")
             cv.add(res, s.cv.n_folds)
             continue
-        with tracking.start_run(s.tracking, run_name=f"{backbone}-fold{k}", nested=True, params={"fold": k}):
+        with tracking.start_run(s.tracking, run_name=f"{clf.name}-fold{k}", nested=True, params={"fold": k}):
             res, head = run_fold(k, feats, data, s, (tracking.EpochLogger(),))
             classifier = None
             if inputs is not None:
@@ -425,9 +463,11 @@ def solution_scores(solution_path: str, ids: pd.Series, test_pred: np.ndarray) -
     return out
 
 
-def summarise(backbone: str, s: Settings, data: Split, cv: CrossValidation) -> dict:
+def summarise(clf: Classifier, s: Settings, data: Split, cv: CrossValidation) -> dict:
     return {
-        "backbone": backbone,
+        "model": clf.name,
+        "backbone": clf.backbone,
+        "input": clf.input,
         "cv_logloss": kaggle_log_loss(data.y, cv.oof),
         "cv_accuracy": accuracy(data.y, cv.oof),
         "prior_logloss": prior_log_loss(data.y, data.y, N_CLASSES),
@@ -495,10 +535,10 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, title: str):
     return fig
 
 
-def write_outputs(backbone: str, s: Settings, data: Split, cv: CrossValidation, report: dict, ext: dict,
+def write_outputs(name: str, s: Settings, data: Split, cv: CrossValidation, report: dict, ext: dict,
                   ckpt: Checkpoints) -> None:
     paths = s.paths
-    out_dir = Path(paths.predictions) / backbone
+    out_dir = Path(paths.predictions) / name
     write_csv(out_dir / "oof.csv", prediction_frame(data.manifest["id"].iloc[data.train_rows].to_numpy(), cv.oof,
                                                     data.folds))
     test_ids = data.test_ids.to_numpy()
@@ -518,26 +558,28 @@ def write_outputs(backbone: str, s: Settings, data: Split, cv: CrossValidation, 
         pd.DataFrame({"fold": k, "epoch": range(len(h["loss"])), **{m: h[m] for m in h if not m.startswith("ft_")}})
         for k, h in enumerate(cv.histories)
     ])
-    write_csv(rep_dir / "curves" / f"{backbone}.csv", hist)
+    write_csv(rep_dir / "curves" / f"{name}.csv", hist)
     pred = cv.oof.argmax(1)
     names = np.array(FISH_CLASSES)
     confusion = pd.DataFrame({"actual": names[data.y], "predicted": names[pred]})
-    write_csv(rep_dir / "confusion" / f"{backbone}.csv", confusion)
-    write_json(rep_dir / f"{backbone}.json", report)
-    fig_dir = Path(paths.figures) / backbone
-    title = f"{backbone}: CV log loss {report['cv_logloss']:.3f}"
+    write_csv(rep_dir / "confusion" / f"{name}.csv", confusion)
+    write_json(rep_dir / f"{name}.json", report)
+    fig_dir = Path(paths.figures) / name
+    title = f"{name}: CV log loss {report['cv_logloss']:.3f}"
     save_figure(plot_curves(cv.histories, title), fig_dir / "curves.png")
-    save_figure(plot_confusion(data.y, pred, f"{backbone}: out-of-fold confusion"), fig_dir / "confusion.png")
+    save_figure(plot_confusion(data.y, pred, f"{name}: out-of-fold confusion"), fig_dir / "confusion.png")
 
 
 # -------------------------------------------------------------------------------------------------- stage
 
 
 def run(backbone: str, s: Settings) -> dict:
-    """The whole stage for one backbone; returns its report (also written to paths.train_reports)."""
+    """The whole stage for one backbone on the input `s` implies (crops for CropSettings); returns its report
+    (also written to paths.train_reports/<name>.json)."""
     import tensorflow as tf
 
-    validate_model_settings([backbone], s.model.image_size, s.model.weights)
+    clf = classifier(backbone, s)
+    validate_model_settings([backbone], clf.image_size, s.model.weights)
     tf.config.experimental.enable_op_determinism()  # a resumed run must reproduce an uninterrupted one
     strategy = configure_devices(s.train.mixed_precision)
     me = task()
@@ -547,25 +589,27 @@ def run(backbone: str, s: Settings) -> dict:
     # Every model of the stage (extractor, fold heads, fine-tuned classifiers) is built inside the strategy's
     # scope, so several GPUs share each batch; on one device or a CPU this is the default strategy.
     with strategy.scope():
-        report = _run_in_scope(backbone, s)
+        report = _run_in_scope(clf, s)
     discard_scratch(me)
     return report
 
 
-def _run_in_scope(backbone: str, s: Settings) -> dict:
+def _run_in_scope(clf: Classifier, s: Settings) -> dict:
     data = split_data(s, read_manifest(s.paths.manifest))
-    ext = extractor_settings(backbone, s)
-    n_views = np.load(s.paths.views, mmap_mode="r").shape[0]
+    ext = extractor_settings(clf, s)
+    n_views = np.load(clf.views, mmap_mode="r").shape[0]
     is_train = (data.manifest["split"] == "train").to_numpy()
-    feats, embeddings = load_or_compute_embeddings(Path(s.paths.embeddings) / f"{backbone}.npz", s.paths.views,
+    feats, embeddings = load_or_compute_embeddings(Path(s.paths.embeddings) / f"{clf.name}.npz", clf.views,
                                                    view_rows(n_views, s.augment.tta_views, is_train), ext,
                                                    s.train.extract_batch_size)
-    ckpt = Checkpoints(Path(s.paths.checkpoints) / backbone, run_fingerprint(embeddings, data, s))
+    ckpt = Checkpoints(Path(s.paths.checkpoints) / clf.name, run_fingerprint(embeddings, data, s))
     params = {**flatten(s.model, "model."), **flatten(s.train, "train."), **flatten(s.cv, "cv."),
-              **flatten(s.augment, "augment."), "backbone": backbone, "seed": s.seed}
-    with tracking.start_run(s.tracking, run_name=backbone, params=params, tags={"stage": "train"}):
-        cv = cross_validate(backbone, feats, data, ext, ckpt, s)
-        report = summarise(backbone, s, data, cv)
+              **flatten(s.augment, "augment."), "backbone": clf.backbone, "input": clf.input, "seed": s.seed}
+    if isinstance(s, CropSettings):
+        params.update(flatten(s.crops, "crops."))
+    with tracking.start_run(s.tracking, run_name=clf.name, params=params, tags={"stage": "train"}):
+        cv = cross_validate(clf, feats, data, ext, ckpt, s)
+        report = summarise(clf, s, data, cv)
         report["best_epochs"] = best_epochs(cv.histories)
         if not s.train.fine_tune.enabled:  # the unpeeked figure is of phase 1; fine-tuned predictions are not
             unpeeked = unpeeked_oof(feats, data.train_rows, data.y, data.folds, report["best_epochs"], s)
@@ -575,27 +619,31 @@ def _run_in_scope(backbone: str, s: Settings) -> dict:
         if "stg2_logloss" in mine and "cv_logloss_unpeeked" in report:
             mine["gap_stg2_minus_unpeeked_cv"] = mine["stg2_logloss"] - report["cv_logloss_unpeeked"]
         report["devices"] = device_summary()
-        write_outputs(backbone, s, data, cv, report, ext, ckpt)
+        write_outputs(clf.name, s, data, cv, report, ext, ckpt)
         ckpt.prune()
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-        tracking.log_artifact(Path(s.paths.figures) / backbone, "figures")
-        tracking.log_artifact(Path(s.paths.train_reports) / f"{backbone}.json")
+        tracking.log_artifact(Path(s.paths.figures) / clf.name, "figures")
+        tracking.log_artifact(Path(s.paths.train_reports) / f"{clf.name}.json")
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--backbone", required=True)
+    parser.add_argument("--input", choices=sorted(SETTINGS), default="frames",
+                        help="whole frames (default) or the crops around the localised fish")
     args = parser.parse_args(argv)
-    settings = load(Settings, args.params)
-    if args.backbone not in settings.model.backbones:
-        raise SystemExit(f"--backbone {args.backbone} is not in model.backbones {list(settings.model.backbones)}")
+    settings = load(SETTINGS[args.input], args.params)
+    listed = settings.crops.backbones if args.input == "crops" else settings.model.backbones
+    if args.backbone not in listed:
+        key = "crops.backbones" if args.input == "crops" else "model.backbones"
+        raise SystemExit(f"--backbone {args.backbone} is not in {key} {list(listed)}")
     print(summary_line(run(args.backbone, settings)))
 
 
 def summary_line(report: dict) -> str:
     """What a user reads at the end of the stage; the whole report is in paths.train_reports/<backbone>.json."""
-    parts = [f"train {report['backbone']}: CV {report['cv_logloss']:.4f}"]
+    parts = [f"train {report['model']}: CV {report['cv_logloss']:.4f}"]
     if "cv_logloss_unpeeked" in report:
         parts.append(f"(unpeeked {report['cv_logloss_unpeeked']:.4f})")
     parts.append(f"accuracy {report['cv_accuracy']:.3f}, prior {report['prior_logloss']:.4f}")

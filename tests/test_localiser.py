@@ -1,0 +1,201 @@
+"""Finding the fish and cutting its crop: the localiser's geometry, targets, decoding and flips, that it learns
+to find a fish at all, the scores the localise stage reports, and the crops cut around its boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.core import crops, localiser
+from pipeline.core.localiser import STRIDE, Detection, Letterbox
+from pipeline.stages import crops as crops_stage
+from pipeline.stages import localise
+
+IN_W, IN_H = 64, 48
+
+
+def as_maps(target: np.ndarray) -> np.ndarray:
+    """A training target read as if the net had output it exactly (the five output channels)."""
+    return target[..., :5]
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def test_letterbox_places_a_wide_frame_centred_and_boxes_go_there_and_back():
+    place = Letterbox.fit(640, 360, 224, 128)
+    assert place.scale == pytest.approx(0.35) and (place.width, place.height) == (224, 126)
+    assert (place.left, place.top) == (0, 1)
+    boxes = np.array([[100.0, 50.0, 40.0, 20.0], [0.0, 0.0, 640.0, 360.0]])
+    np.testing.assert_allclose(place.to_frame(place.to_input(boxes)), boxes)
+    frame = np.full((360, 640, 3), 200, np.uint8)
+    boxed = localiser.letterbox(frame, 224, 128)
+    assert boxed.shape == (128, 224, 3)
+    assert not boxed[0].any() and boxed[1:127].min() == 200 and not boxed[127].any()  # black bars, frame between
+
+
+def test_iou_matches_hand_computed_overlaps():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 10, 10], [20, 20, 5, 5], [2, 2, 5, 5]])
+    np.testing.assert_allclose(localiser.iou(a, b)[0], [1.0, 50 / 150, 0.0, 25 / 100])
+    assert localiser.iou(a, np.zeros((0, 4))).shape == (1, 0)
+
+
+# ------------------------------------------------------------------------------------ targets, decoding
+
+
+@pytest.mark.parametrize("box", [(10.0, 8.0, 14.0, 6.0), (31.5, 20.2, 9.0, 17.0), (0.0, 0.0, 6.0, 4.0)])
+def test_a_perfect_output_decodes_to_the_true_box(box):
+    target = localiser.encode(np.array([box]), IN_W, IN_H)
+    assert target.shape == (IN_H // STRIDE, IN_W // STRIDE, 6)
+    det = localiser.decode(as_maps(target), Letterbox(1.0, 0, 0, IN_W, IN_H), IN_W, IN_H)
+    assert det.confidence == 1.0
+    np.testing.assert_allclose([det.x, det.y, det.width, det.height], box, atol=1e-4)
+
+
+def test_a_peak_one_cell_off_still_reads_the_box_it_was_trained_on():
+    """Dense regression: the cells next to a centre learn its box too, so a peak one cell off decodes to the
+    same box, not to the untrained output of an empty cell."""
+    box = (20.0, 16.0, 18.0, 10.0)
+    target = localiser.encode(np.array([box]), IN_W, IN_H)
+    i, j = np.unravel_index(int(np.argmax(target[..., 0])), target.shape[:2])
+    maps = as_maps(target).copy()
+    maps[i, j, 0], maps[i, j + 1, 0] = 0.5, 0.9  # the net's peak lands one cell right of the centre
+    det = localiser.decode(maps, Letterbox(1.0, 0, 0, IN_W, IN_H), IN_W, IN_H)
+    np.testing.assert_allclose([det.x, det.y, det.width, det.height], box, atol=1e-4)
+    assert det.confidence == pytest.approx(0.9)
+
+
+def test_a_frame_without_fish_has_an_all_zero_target():
+    assert not localiser.encode(np.zeros((0, 4)), IN_W, IN_H).any()
+
+
+def test_each_of_two_fish_keeps_its_own_box():
+    boxes = np.array([[4.0, 4.0, 10.0, 8.0], [40.0, 28.0, 16.0, 12.0]])
+    target = localiser.encode(boxes, IN_W, IN_H)
+    assert int((target[..., 0] == 1.0).sum()) == 2
+    place = Letterbox(1.0, 0, 0, IN_W, IN_H)
+    for box in boxes:
+        maps = as_maps(target).copy()
+        far = localiser.iou(boxes, box[None])[:, 0] == 0  # hide the other fish's peak
+        for other in boxes[far]:
+            cx, cy = (other[:2] + other[2:] / 2) / STRIDE
+            maps[int(cy), int(cx), 0] = 0.0
+        det = localiser.decode(maps, place, IN_W, IN_H)
+        np.testing.assert_allclose([det.x, det.y, det.width, det.height], box, atol=1e-4)
+
+
+def test_the_maps_of_a_mirrored_frame_flip_back_to_the_frames_own_box():
+    box = np.array([[9.0, 11.0, 13.0, 7.0]])
+    mirrored = box.copy()
+    mirrored[:, 0] = IN_W - box[:, 0] - box[:, 2]
+    maps = localiser.flip_maps(as_maps(localiser.encode(mirrored, IN_W, IN_H)))
+    det = localiser.decode(maps, Letterbox(1.0, 0, 0, IN_W, IN_H), IN_W, IN_H)
+    np.testing.assert_allclose([det.x, det.y, det.width, det.height], box[0], atol=1e-4)
+
+
+def test_the_loss_is_lowest_for_the_target_itself():
+    target = localiser.encode(np.array([[20.0, 16.0, 18.0, 10.0]]), IN_W, IN_H)[None]
+    exact = np.concatenate([np.clip(target[..., :1], 1e-4, 1 - 1e-4), target[..., 1:5]], -1)
+    wrong_size = exact.copy()
+    wrong_size[..., 3:5] += 0.5
+    blind = exact.copy()
+    blind[..., 0] = 0.01
+    losses = [float(localiser.centernet_loss(target, m)) for m in (exact, wrong_size, blind)]
+    # Sizes 0.5 off in log space on both sides cost exactly that on each of the two size channels.
+    assert losses[1] - losses[0] == pytest.approx(2 * 0.5 * localiser.SIZE_WEIGHT, rel=1e-4)
+    assert losses[2] > losses[0] + 1  # missing the fish costs far more than the Gaussian's own focal term
+
+
+def test_input_sides_that_the_net_cannot_halve_four_times_are_refused():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        localiser.build_localiser(72, 48)
+
+
+def scenes(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Grey noisy frames with one bright elongated 'fish' each, of random size and place, and its box."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(60, 110, (n, IN_H, IN_W, 3)).astype(np.uint8)
+    boxes = []
+    for k in range(n):
+        w, h = rng.integers(8, 18), rng.integers(5, 10)
+        x, y = rng.integers(0, IN_W - w), rng.integers(0, IN_H - h)
+        frames[k, y : y + h, x : x + w] = (230, 220, 90)
+        boxes.append(np.array([[x, y, w, h]], dtype=np.float64))
+    return frames, boxes
+
+
+def test_the_localiser_learns_to_find_a_fish_on_frames_it_never_saw():
+    """Trained on 96 tiny scenes, it must box most held-out fish (a net that learnt nothing scores ~0)."""
+    import albumentations as A
+
+    frames, boxes = scenes(128, seed=0)
+    targets = np.stack([localiser.encode(b, IN_W, IN_H) for b in boxes])
+    model = localiser.fit_localiser(frames, targets, np.arange(96), channels=8, epochs=12, batch_size=16,
+                                    learning_rate=0.01, policy=A.Compose([]), seed=0)
+    maps = localiser.predict_maps(model, frames[96:])
+    place = Letterbox(1.0, 0, 0, IN_W, IN_H)
+    scores = localise.box_scores([localiser.decode(m, place, IN_W, IN_H) for m in maps], boxes[96:])
+    assert scores["n_images"] == 32
+    assert scores["share_iou_50"] >= 0.6, scores
+
+
+# ------------------------------------------------------------------------------------------ stage scores
+
+
+def test_box_scores_take_each_frames_best_matching_fish_and_skip_frames_without_one():
+    dets = [Detection(0, 0, 10, 10, 0.9), Detection(50, 50, 10, 10, 0.8), Detection(0, 0, 10, 10, 0.1)]
+    truth = [np.array([[100.0, 100, 5, 5], [0, 0, 10, 10]]), np.array([[55.0, 50, 10, 10]]), np.zeros((0, 4))]
+    scores = localise.box_scores(dets, truth)
+    assert scores["n_images"] == 2
+    assert scores["mean_iou"] == pytest.approx((1.0 + 50 / 150) / 2)
+    assert scores["share_iou_50"] == 0.5
+
+
+def test_confidence_that_tells_fish_from_nof_scores_an_auc_of_one():
+    out = localise.nof_separation(np.array([0.9, 0.8, 0.2, 0.1]), np.array([True, True, False, False]))
+    assert out["auc_fish_vs_nof"] == 1.0 and out["confidence_fish"] == pytest.approx(0.85)
+
+
+# ------------------------------------------------------------------------------------------------ crops
+
+
+def test_a_crop_is_a_square_around_the_box_with_its_margin_from_the_full_frame():
+    frame = np.zeros((200, 300, 3), np.uint8)
+    frame[90:110, 130:170] = 255  # a 40 x 20 'fish'
+    crop = crops.cut(frame, (130, 90, 40, 20), margin=0.25, min_side=16, size=30)
+    assert crop.shape == (30, 30, 3)
+    # The square is 60 px (40 + 2 x 25%): the fish spans 2/3 of its width and 1/3 of its height, centred.
+    lit = np.argwhere(crop[..., 0] > 127)
+    assert (lit[:, 1].min(), lit[:, 1].max()) == (5, 24) and (lit[:, 0].min(), lit[:, 0].max()) == (10, 19)
+
+
+def test_a_tiny_box_is_cut_at_the_minimum_side_and_the_part_off_the_frame_is_black():
+    frame = np.full((100, 100, 3), 128, np.uint8)
+    assert crops.square((50, 50, 2, 2), margin=0.25, min_side=32)[2] == 32
+    corner = crops.cut(frame, (0, 0, 20, 20), margin=0.5, min_side=8, size=40)
+    assert not corner[:10, :10].any() and corner[-10:, -10:].min() == 128  # 40 px square: half off the frame
+
+
+def test_truth_crops_use_the_largest_box_and_a_misaligned_table_is_refused(tmp_path):
+    from pipeline.core.params import Crops
+
+    manifest = pd.DataFrame({"id": ["a.jpg", "b.jpg", "t.jpg"], "split": ["train", "train", "test_stg1"]})
+    localised = manifest.assign(x=1.0, y=1.0, width=5.0, height=5.0, confidence=0.5, fold=[0, 1, -1])
+    pd.DataFrame({"id": ["a.jpg", "a.jpg"], "x": [0, 10], "y": [0, 10], "width": [4, 30], "height": [4, 20]}
+                 ).to_csv(tmp_path / "boxes.csv", index=False)
+    pd.DataFrame({"image": ["t.jpg"], "stage": [1], "x": [7], "y": [8], "width": [9], "height": [10]}
+                 ).to_csv(tmp_path / "solution_boxes.csv", index=False)
+
+    class P:
+        boxes, solution_boxes = str(tmp_path / "boxes.csv"), str(tmp_path / "solution_boxes.csv")
+        localised, manifest = "localised.csv", "manifest.csv"
+
+    truth = Crops(backbones=("vgg16",), image_size=32, margin=0.25, min_side=16, boxes="truth")
+    got = crops_stage.crop_boxes(manifest, localised, truth, P)
+    np.testing.assert_array_equal(got, [[10, 10, 30, 20], [1, 1, 5, 5], [7, 8, 9, 10]])  # b: no box, keeps its own
+    localised_only = crops_stage.crop_boxes(manifest, localised, Crops(("vgg16",), 32, 0.25, 16, "localised"), P)
+    np.testing.assert_array_equal(localised_only, [[1, 1, 5, 5]] * 3)
+    with pytest.raises(ValueError, match="not row-aligned"):
+        crops_stage.crop_boxes(manifest, localised.iloc[::-1], truth, P)
