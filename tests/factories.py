@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,31 @@ def write_inputs(root: Path, backbones=tuple(MODELS), n_train=240, n_test=40, n_
     )
     solution.to_csv(paths.solution, index=False)
     return paths, dict(zip(solution["image"], solution["label"], strict=True))
+
+
+def train_inputs(root: Path, **overrides):
+    """What the train stage reads, generated in `root`: tiny params, synthetic images, their augmented views.
+
+    Returns the stage's settings and the manifest. The same call in two folders gives the same inputs.
+    """
+    from pipeline.core.augmentation import make_views
+    from pipeline.core.params import load
+    from pipeline.stages import train
+
+    raw = tiny_params(root, **overrides)
+    manifest = synthetic_images(root, raw)
+    s = load(train.Settings, root / "params.yaml")
+    views = make_views(np.load(s.paths.images), (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
+    np.save(s.paths.views, views)
+    return s, manifest
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports on 127.0.0.1 that nothing listens on now (for a local multi-worker cluster)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

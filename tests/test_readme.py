@@ -39,6 +39,12 @@ ELSEWHERE: dict[str, str] = {
     "PostgreSQL's own user can reach it), tracks stages into it and stops it with Ctrl-C",
     "make postgres": "`make test` runs it before the suite (test_team_server.py needs what it installs)",
 }
+#: The two machines' blocks of "Training on several machines" wait for each other, so one shell cannot run them
+#: one after the other: tests/test_multiworker.py runs both at once, on two local ports.
+_MACHINES = "tests/test_multiworker.py runs both machines' blocks at once, on 127.0.0.1"
+_CLUSTER = '{"cluster": {"worker": ["192.0.2.10:2222", "192.0.2.11:2222"]}, "task": {"type": "worker", "index": %d}}'
+ELSEWHERE.update({f"export TF_CONFIG='{_CLUSTER % i}'": _MACHINES for i in (0, 1)})
+ELSEWHERE[".venv/bin/python -m pipeline train --backbone vgg16"] = _MACHINES
 #: Commands that start a server: run, asked for /health on their port, then stopped with Ctrl-C.
 SERVERS: dict[str, int] = {
     "make ui": 5000,

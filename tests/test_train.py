@@ -12,21 +12,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline.core.augmentation import make_views
 from pipeline.core.competition import FISH_CLASSES
-from pipeline.core.params import load
 from pipeline.stages import train
-from tests.factories import ROOT, synthetic_images, tiny_params
-
-
-def _prepare(root, **overrides):
-    raw = tiny_params(root, **overrides)
-    manifest = synthetic_images(root, raw)
-    s = load(train.Settings, root / "params.yaml")
-    images = np.load(s.paths.images)
-    views = make_views(images, (manifest.split == "train").to_numpy(), s.augment, seed=s.seed)
-    np.save(s.paths.views, views)
-    return s, manifest
+from tests.factories import ROOT
+from tests.factories import train_inputs as _prepare
 
 
 def test_train_stage_writes_oof_and_test_predictions(tmp_path):

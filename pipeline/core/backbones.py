@@ -21,6 +21,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from pipeline.core.devices import predict
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -193,7 +195,7 @@ def extract_features(
     out = np.empty((len(images), extractor.output_shape[-1]), dtype=np.float32)
     for start in range(0, len(images), chunk):
         batch = np.asarray(images[start : start + chunk])
-        out[start : start + len(batch)] = extractor.predict(batch, batch_size=batch_size, verbose=0)
+        out[start : start + len(batch)] = predict(extractor, batch, batch_size)
         if progress is not None:
             progress.update(len(batch))
     return out

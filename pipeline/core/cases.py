@@ -2,7 +2,9 @@
 
 Each case finds Keras' cached dataset files with an error that says how to get them when they are missing
 offline (`keras_dataset_file`), and reports the same way: a metrics JSON, a figure (confusion matrix or ROC
-curves) and an MLflow run in the case's own experiment (`report`).
+curves) and an MLflow run in the case's own experiment (`report`). Under a multi-worker `TF_CONFIG` only the
+chief opens that run and writes into the reports folder; the other workers write theirs into a throw-away
+folder, deleted when the case ends (`pipeline.core.devices.write_path`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core import tracking
-from pipeline.core.devices import configure_devices, device_summary
+from pipeline.core.devices import configure_devices, device_summary, discard_scratch, write_path
 from pipeline.core.files import save_figure, write_json
 from pipeline.core.params import Tracking, flatten
 
@@ -33,6 +35,7 @@ def case_run(seed: int, mixed_precision: str, tracking_cfg: Tracking, run_name: 
     with configure_devices(mixed_precision).scope(), tracking.start_run(tracking_cfg, run_name, logged,
                                                                         experiment=experiment):
         yield
+    discard_scratch()
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -139,8 +142,9 @@ def confusion_figure(matrices: Mapping[str, np.ndarray], labels: Sequence[str], 
 
 def report(metrics: dict[str, Any], figures: Mapping[str, Any], reports_dir: str | Path) -> list[Path]:
     """Write `metrics.json` (with what the run trained on: GPUs, precision, replicas) and each figure into
-    `reports_dir`, then attach them to the active MLflow run. Call it inside `case_run`."""
-    reports_dir = Path(reports_dir)
+    `reports_dir` (a throw-away copy of it on a worker other than the chief), then attach them to the active
+    MLflow run. Call it inside `case_run`."""
+    reports_dir = write_path(reports_dir)
     metrics["devices"] = device_summary()
     write_json(reports_dir / "metrics.json", dict(metrics))
     written = [reports_dir / "metrics.json"]

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from pipeline.core.devices import rows_for_replicas
+from pipeline.core.devices import predict, rows_for_replicas
 from pipeline.core.metrics import accuracy, kaggle_log_loss
 from pipeline.core.params import Head, HeadTraining, Train
 
@@ -23,10 +23,15 @@ from pipeline.core.params import Head, HeadTraining, Train
 def build_head(n_features: int, n_classes: int, units: int, dropout_in: float, dropout_out: float) -> keras.Model:
     """Pooled features → batch norm → dropout → dense → batch norm → dropout → softmax."""
     inputs = keras.Input((n_features,), name="features")
-    x = layers.BatchNormalization(name="head_bn_in")(inputs)
+    # Synchronised: under several replicas each one would otherwise normalise by its own slice of the batch, so
+    # two GPUs (or two machines) would train a different head than one device does, and under
+    # MultiWorkerMirroredStrategy each worker would keep different moving statistics. On one device it is
+    # the same layer. Only TensorFlow has it (bench.gpu builds this head under JAX, on one device).
+    sync = keras.backend.backend() == "tensorflow"
+    x = layers.BatchNormalization(synchronized=sync, name="head_bn_in")(inputs)
     x = layers.Dropout(dropout_in, name="head_dropout_in")(x)
     x = layers.Dense(units, use_bias=False, name="head_dense")(x)
-    x = layers.BatchNormalization(name="head_bn")(x)
+    x = layers.BatchNormalization(synchronized=sync, name="head_bn")(x)
     x = layers.Activation("relu", name="head_relu")(x)
     x = layers.Dropout(dropout_out, name="head_dropout_out")(x)
     # float32 softmax even under mixed precision: float16 probabilities underflow the log loss.
@@ -53,8 +58,9 @@ class ValidationLogLoss(keras.callbacks.Callback):
     The validation rows are scored with `predict`, not through `fit(validation_data=...)`: Keras' evaluation
     step fails under `MirroredStrategy` whenever the last validation batch does not split evenly over the
     replicas (Keras 3.15 on TensorFlow 2.21: "Inputs to operation AddN ... must have the same size and
-    shape"), while `predict` handles it. Put it first among the callbacks, so early stopping and loggers
-    see the numbers it adds.
+    shape"), while `predict` handles it (under `MultiWorkerMirroredStrategy`, each worker scores every row
+    itself: `pipeline.core.devices.predict`).
+    Put it first among the callbacks, so early stopping and loggers see the numbers it adds.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
@@ -62,7 +68,7 @@ class ValidationLogLoss(keras.callbacks.Callback):
         self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        proba = as_class_columns(self.model.predict(self.x, batch_size=self.batch_size, verbose=0))
+        proba = as_class_columns(predict(self.model, self.x, self.batch_size))
         if logs is not None:
             logs["val_loss"] = kaggle_log_loss(self.y, proba)
             logs["val_accuracy"] = accuracy(self.y, proba)

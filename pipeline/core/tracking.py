@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.devices import task
 from pipeline.core.params import Tracking
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -277,10 +278,11 @@ def start_run(
     experiment (the course pipelines pass theirs). With `nested=True` inside an open run, the new run is its
     child (one per fold). `params` may be nested: they are flattened to dotted keys. With `run_id`, an earlier
     run is reopened instead (a later stage adding its files to the ensemble run); `run_name` is then unused.
-    The run ends FAILED when the body raises, and the exception goes on.
+    The run ends FAILED when the body raises, and the exception goes on. Only the chief of a multi-worker
+    cluster (`TF_CONFIG`) opens runs: the other workers train the same model, and their runs would be copies.
     """
     run = None
-    if _disabled_reason is None:
+    if _disabled_reason is None and task().chief:
         try:
             run = _open_run(tracking_cfg, run_name, nested, tags, experiment, stage, run_id)
             if params:

@@ -30,6 +30,7 @@ from pipeline.core import tracking
 from pipeline.core.backbones import build_extractor, extract_features, validate_model_settings
 from pipeline.core.cases import binary_scores, case_run, report, roc_figure
 from pipeline.core.decode import decode_bytes, fit_square
+from pipeline.core.devices import everyone, write_path
 from pipeline.core.files import save_npz, write_json
 from pipeline.core.heads import fit_head
 from pipeline.core.params import CatsDogs, Tracking, Train, load, stage_parser
@@ -180,16 +181,20 @@ def extractor_settings(cfg: CatsDogs, seed: int) -> dict:
 
 
 def embed(images: np.ndarray, ext: dict, batch_size: int, cache: Path | None = None) -> np.ndarray:
-    """Frozen-backbone features of `images`, reused from `cache` when the images and settings match."""
+    """Frozen-backbone features of `images`, reused from `cache` when the images and settings match (on every
+    worker of a multi-worker run: building the extractor is a collective step there)."""
     import keras
 
     fingerprint = hashlib.sha1(
         images.tobytes() + json.dumps({**ext, "keras": keras.__version__}).encode()
     ).hexdigest()
+    cached = None
     if cache is not None and cache.exists():
         with np.load(cache) as npz:
             if str(npz["fingerprint"]) == fingerprint:
-                return npz["features"]
+                cached = npz["features"]
+    if everyone(cached is not None):
+        return cached
     keras.utils.set_random_seed(ext["seed"])  # random-init weights are a function of the seed
     extractor = build_extractor(ext["backbone"], ext["image_size"], ext["weights"], ext["pooling"])
     features = extract_features(extractor, images, batch_size)
@@ -256,13 +261,15 @@ def run(s: Settings) -> dict:
     validate_model_settings([cfg.backbone], cfg.image_size, cfg.weights)
     with case_run(s.seed, s.train.mixed_precision, s.tracking, f"catsdogs-{cfg.source}", cfg, "catsdogs"):
         data = load_source(cfg, s.seed)
-        write_quarantine(Path(cfg.reports) / "quarantine.json", cfg.source, data)
+        quarantine = write_path(cfg.reports) / "quarantine.json"  # a throw-away copy on a non-chief worker
+        write_quarantine(quarantine, cfg.source, data)
         rows = split(data.labels, cfg.test_fraction, cfg.val_fraction, s.seed)
-        features = embed(data.images, extractor_settings(cfg, s.seed), cfg.extract_batch_size, Path(cfg.embeddings))
+        features = embed(data.images, extractor_settings(cfg, s.seed), cfg.extract_batch_size,
+                         write_path(cfg.embeddings))
         results, score = train_and_evaluate(features, data.labels, rows, cfg, s.seed, [tracking.EpochLogger("head.")])
         summary, figure = summarise(cfg, data, rows, results, score)
         report(summary, {"roc_curve.png": figure}, cfg.reports)
-        tracking.log_artifact(Path(cfg.reports) / "quarantine.json")
+        tracking.log_artifact(quarantine)
     return summary
 
 

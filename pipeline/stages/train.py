@@ -15,6 +15,11 @@ Every fold is checkpointed under `paths.checkpoints/<backbone>/<fingerprint>/`; 
 resumes at the first unfinished fold and produces the same predictions as an uninterrupted run. Out-of-fold
 (OOF) predictions cover every training image; test predictions average the test-time views and the folds.
 
+Under `TF_CONFIG` several machines train each model together (`MultiWorkerMirroredStrategy`): every worker
+runs the whole stage, only the chief writes into `paths` and to MLflow, the others write the same files into
+a throw-away folder (`pipeline.core.devices.write_path`), and a cache or a fold is reused only when every
+worker has it: a worker that skipped a step would leave the others waiting in its collective ops.
+
 The stage also measures how honest its validation is: it repeats phase 1 with the other fold scheme
 (`boat` vs `none`) and, when the source has a solution file, records each scheme's CV-to-stage-2 gap.
 """
@@ -44,7 +49,16 @@ from pipeline.core.backbones import (
 )
 from pipeline.core.batches import AugmentedBatches
 from pipeline.core.competition import FISH_CLASSES
-from pipeline.core.devices import configure_devices, device_summary, replicas
+from pipeline.core.devices import (
+    configure_devices,
+    device_summary,
+    discard_scratch,
+    everyone,
+    replicas,
+    scratch_dir,
+    task,
+    write_path,
+)
 from pipeline.core.files import file_digest, save_figure, save_keras, save_npz, write_csv, write_json
 from pipeline.core.folds import assign_folds
 from pipeline.core.heads import ValidationLogLoss, balanced_class_weight, fit_head
@@ -54,6 +68,8 @@ from pipeline.core.params import Augment, Crops, Cv, Model, Paths, Tracking, Tra
 from pipeline.core.predictions import TEST_SETS, prediction_frame
 
 N_CLASSES = len(FISH_CLASSES)
+#: The `paths` this stage writes; a worker other than the chief writes them into its throw-away folder.
+WRITES = ("embeddings", "checkpoints", "predictions", "train_reports", "figures")
 
 
 @dataclass(frozen=True)
@@ -189,15 +205,18 @@ def compute_embeddings(views: np.ndarray, rows: list[np.ndarray], ext: dict, bat
 def load_or_compute_embeddings(
     cache: Path, views_path: str, rows: list[np.ndarray], ext: dict, batch_size: int
 ) -> tuple[np.ndarray, str]:
-    """Reuse the cached embeddings when the views and extractor settings are unchanged."""
+    """Reuse the cached embeddings when the views and extractor settings are unchanged (on every worker)."""
     fingerprint = hashlib.sha1(
         json.dumps({"views": file_digest(views_path), **ext, "keras": keras.__version__}).encode()
     ).hexdigest()
+    cached = None
     if cache.exists():
         with np.load(cache) as npz:
             if str(npz["fingerprint"]) == fingerprint:
-                print(f"embeddings: reusing {cache}")
-                return npz["features"], fingerprint
+                cached = npz["features"]
+    if everyone(cached is not None):
+        print(f"embeddings: reusing {cache}")
+        return cached, fingerprint
     views = np.load(views_path, mmap_mode="r")
     feats = compute_embeddings(views, rows, ext, batch_size)
     save_npz(cache, features=feats, fingerprint=np.array(fingerprint))
@@ -394,7 +413,7 @@ def cross_validate(clf: Classifier, feats: np.ndarray, data: Split, ext: dict, c
         inputs = FineTuneInputs(np.load(clf.images, mmap_mode="r"), np.load(clf.views, mmap_mode="r"))
     for k in range(s.cv.n_folds):
         res = ckpt.load(k)
-        if res is not None:
+        if everyone(res is not None):
             print(f"fold {k}: resumed from {ckpt.dir}")
             cv.add(res, s.cv.n_folds)
             continue
@@ -563,10 +582,16 @@ def run(backbone: str, s: Settings) -> dict:
     validate_model_settings([backbone], clf.image_size, s.model.weights)
     tf.config.experimental.enable_op_determinism()  # a resumed run must reproduce an uninterrupted one
     strategy = configure_devices(s.train.mixed_precision)
+    me = task()
+    if not me.chief:
+        s = replace(s, paths=replace(s.paths, **{key: str(write_path(getattr(s.paths, key), me)) for key in WRITES}))
+        print(f"{me.name} of {me.workers}: the chief writes the outputs; this worker writes under {scratch_dir(me)}")
     # Every model of the stage (extractor, fold heads, fine-tuned classifiers) is built inside the strategy's
     # scope, so several GPUs share each batch; on one device or a CPU this is the default strategy.
     with strategy.scope():
-        return _run_in_scope(clf, s)
+        report = _run_in_scope(clf, s)
+    discard_scratch(me)
+    return report
 
 
 def _run_in_scope(clf: Classifier, s: Settings) -> dict:
