@@ -63,7 +63,7 @@ def test_submissions_hold_exactly_the_sample_rows(project):
 
 def test_metrics_and_leaderboard_say_what_the_run_scored(project):
     metrics = read_json(project / "reports/metrics.json")
-    assert set(metrics["cv_logloss"]) == {"vgg16", "resnet50", "ensemble"}
+    assert set(metrics["cv_logloss"]) == {"vgg16", "resnet50", "vgg16-crop", "ensemble"}
     board = read_json(project / "reports/leaderboard.json")
     assert board["status"] == "scored"
     assert board["cv"]["ensemble_logloss"] == metrics["cv_logloss"]["ensemble"]
@@ -71,6 +71,27 @@ def test_metrics_and_leaderboard_say_what_the_run_scored(project):
         scores = board[f"stage{stage}"]
         assert scores["n_images"] > 0 and np.isfinite(scores["logloss"])
         assert scores["gap_vs_cv"] == pytest.approx(scores["logloss"] - board["cv"]["ensemble_logloss"])
+
+
+def test_every_frame_gets_an_out_of_fold_box_a_crop_and_a_crop_model(project):
+    """The localise → crops → train-crop chain: a box per manifest row (training rows from the fold that did not
+    train on their boat), its scores out of fold and on both test stages, a crop per row, and the crop model in
+    the ensemble beside the frame models."""
+    manifest = pd.read_csv(project / "data/processed/manifest.csv", keep_default_na=False)
+    boxes = pd.read_csv(project / "data/processed/localised.csv", keep_default_na=False)
+    assert list(boxes["id"]) == list(manifest["id"])
+    train = (manifest["split"] == "train").to_numpy()
+    oof = pd.read_csv(project / "data/processed/predictions/vgg16/oof.csv")
+    folds = dict(zip(oof["id"], oof["fold"], strict=True))
+    assert [folds[i] for i in boxes.loc[train, "id"]] == boxes.loc[train, "fold"].tolist()  # the classifiers' folds
+    assert (boxes.loc[~train, "fold"] == -1).all()
+    assert boxes[["width", "height"]].gt(0).all().all() and boxes["confidence"].between(0, 1).all()
+    report = read_json(project / "reports/localise.json")
+    for part in ("out_of_fold", "stage1", "stage2"):
+        assert report[part]["n_images"] > 0 and 0 <= report[part]["mean_iou"] <= 1
+    assert np.load(project / "data/processed/crop_images.npy", mmap_mode="r").shape[:2] == (len(manifest), 32)
+    assert (project / "reports/figures/localise/boxes.png").stat().st_size > 0
+    assert "vgg16-crop" in read_json(project / "reports/ensemble.json")["models"]
 
 
 def test_second_repro_has_nothing_to_do(project):
