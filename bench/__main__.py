@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.core.files import read_json, write_json
 
-MODULES = ("ingest", "train")  # ingest first: its workers may fork only before TensorFlow loads
+MODULES = ("ingest", "crops", "train")  # ingest first: its workers may fork only before TensorFlow loads
 OUT = Path("reports/bench.json")
 
 
