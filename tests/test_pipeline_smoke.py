@@ -92,6 +92,11 @@ def test_every_frame_gets_an_out_of_fold_box_a_crop_and_a_crop_model(project):
     assert np.load(project / "data/processed/crop_images.npy", mmap_mode="r").shape[:2] == (len(manifest), 32)
     assert (project / "reports/figures/localise/boxes.png").stat().st_size > 0
     assert "vgg16-crop" in read_json(project / "reports/ensemble.json")["models"]
+    families = read_json(project / "reports/leaderboard.json")["families"]  # what the crops add, scored
+    assert families["frames"]["models"] == ["vgg16", "resnet50"]
+    assert families["frames+crops"]["models"] == ["vgg16", "resnet50", "vgg16-crop"]
+    board = read_json(project / "reports/leaderboard.json")
+    assert families["frames+crops"]["stage2_logloss"] == pytest.approx(board["stage2"]["logloss"])
 
 
 def test_second_repro_has_nothing_to_do(project):

@@ -30,6 +30,8 @@ from pipeline.core.metrics import accuracy, kaggle_log_loss
 from pipeline.core.params import Crops, Cv, Ensemble, Ingest, Model, Paths, Tracking, flatten, load, stage_parser
 from pipeline.core.predictions import model_names, prediction_frame, read_predictions
 
+#: Where the whole-frame-only ensemble's test predictions go, inside `paths.ensemble` (see `families`).
+FRAMES_ONLY = "frames_only"
 #: The MLflow tag holding the SHA-1 of the report file this run wrote.
 REPORT_TAG = tracking.REPORT_TAG
 
@@ -153,9 +155,31 @@ def run(s: Settings) -> dict[str, object]:
         "fitted": fitted_to_json(ev.fitted),
         "table": format_table(ev),
     }
+    report["families"] = families(s, y, train_bursts, test_bursts, target, train_shares, ev)
     write_json(paths.ensemble_report, report)
     print(f"ensemble: {len(ev.candidates)} candidates scored in {seconds:.1f} s")
     return report
+
+
+def families(s: Settings, y: np.ndarray, train_bursts: np.ndarray, test_bursts: dict, target, train_shares,
+             ev) -> dict[str, dict]:
+    """What the crop models add: the same choice (every candidate, nested CV) made on the whole-frame models
+    alone, its headline CV beside the full ensemble's, and its test predictions in `<ensemble>/frames_only/`
+    for the score stage to put on the leaderboard beside the submission's. Empty without crop models."""
+    if not s.crops.backbones or not s.model.backbones:
+        return {}
+    preds = read_predictions(s.paths.predictions, s.model.backbones)
+    frames = evaluate(preds, y, s.ensemble, bursts=train_bursts)
+    out_dir = Path(s.paths.ensemble) / FRAMES_ONLY
+    for name, (ids, stack) in preds.tests.items():
+        proba = predict(frames.fitted, stack, None if target is None else (train_shares, target), test_bursts[name])
+        write_csv(out_dir / f"{name}.csv", prediction_frame(ids, proba))
+    return {
+        "frames": {"models": list(s.model.backbones), "candidate": frames.chosen.name, "cv_logloss": frames.headline,
+                   "predictions": str(out_dir)},
+        "frames+crops": {"models": list(model_names(s.model, s.crops)), "candidate": ev.chosen.name,
+                         "cv_logloss": ev.headline, "predictions": s.paths.ensemble},
+    }
 
 
 def log_to_mlflow(s: Settings, report: dict[str, object]) -> str | None:

@@ -123,6 +123,25 @@ def format_board(board: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def family_scores(families: dict[str, dict], solution: pd.DataFrame) -> dict[str, dict]:
+    """Each model family's ensemble (whole frames only; frames and crops) on both test stages, beside its CV:
+    how much the crop models add, on the boats the models saw (stage 1) and on new ones (stage 2)."""
+    out = {}
+    for family, entry in families.items():
+        row = {"models": entry["models"], "cv_logloss": entry["cv_logloss"]}
+        for stage in (1, 2):
+            table = pd.read_csv(Path(entry["predictions"]) / f"test_stg{stage}.csv").rename(columns={"id": "image"})
+            rows = stage_rows(solution, stage)
+            if not rows.empty:
+                row[f"stage{stage}_logloss"] = score_submission(table, rows)["logloss"]
+        if "stage2_logloss" in row:
+            row["gap_stage2_vs_cv"] = row["stage2_logloss"] - row["cv_logloss"]
+        out[family] = row
+    if {"frames", "frames+crops"} <= set(out) and "stage2_logloss" in out["frames"]:
+        out["stage2_reduction_by_crops"] = 1 - out["frames+crops"]["stage2_logloss"] / out["frames"]["stage2_logloss"]
+    return out
+
+
 def run(s: Settings) -> dict[str, Any]:
     """Score both submissions (when there is a solution) and write `paths.leaderboard`."""
     paths = s.paths
@@ -133,6 +152,8 @@ def run(s: Settings) -> dict[str, Any]:
         submissions = {1: pd.read_csv(paths.submission_stg1), 2: pd.read_csv(paths.submission_stg2)}
         y_train = train_labels(read_manifest(paths.manifest), where=paths.manifest)
     board = leaderboard(submissions, solution, y_train, cv)
+    if solution is not None and Path(paths.ensemble_report).is_file():
+        board["families"] = family_scores(read_json(paths.ensemble_report).get("families", {}), solution)
     write_json(paths.leaderboard, board)
     return board
 
