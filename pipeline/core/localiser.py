@@ -25,9 +25,9 @@ import numpy as np
 from keras import layers, ops
 
 STRIDE = 4  # output cell side in input pixels
-#: Output channels: heat (1, sigmoid), the offset from the cell to the fish's centre (2, in cells), and the log of the box's
-#: width and height in cells (2, linear): an error in log size costs the same for a small fish as for a large
-#: one, as an error in IoU does.
+#: Output channels: heat (1, sigmoid), the offset from the cell to the fish's centre (2, in cells), and the
+#: log of the box's width and height in cells (2, linear): an error in log size costs the same for a small
+#: fish as for a large one, as an error in IoU does.
 HEAT, OFFSET, SIZE = slice(0, 1), slice(1, 3), slice(3, 5)
 #: Target channels: the five above, then each cell's regression weight (its heat near a centre, else 0).
 MASK = slice(5, 6)
