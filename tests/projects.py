@@ -21,6 +21,7 @@ TINY_DEMO = {
     "demo.n_test_stg2": 24,
     "demo.width": 192,
     "model.backbones": ["vgg16", "resnet50"],
+    "crops.backbones": ["vgg16"],
 }
 #: The course cases at a few seconds each.
 TINY_CASES = {
