@@ -329,7 +329,8 @@ def test_served_crop_model_localises_crops_and_classifies_raw_jpegs_as_the_pipel
     raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2,
                                    "demo.n_train": 40, "demo.n_test_stg1": 6, "demo.n_test_stg2": 8,
                                    "demo.width": 128, "demo.train_boats": 3, "demo.new_boats": 2,
-                                   "ensemble.smoothing": False, "crops.backbones": ["vgg16"]})  # per-call bursts are tested above
+                                   "crops.backbones": ["vgg16"],
+                                   "ensemble.smoothing": False})  # per-call bursts are tested above
     params = tmp_path / "params.yaml"
     monkeypatch.chdir(tmp_path)  # the manifest's frame paths are relative to the project, as in a clone
     s = load(demo.Settings, params)
