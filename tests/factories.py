@@ -69,7 +69,11 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
         "localise.width": 64,
         "localise.height": 48,
         "localise.channels": 8,
-        "localise.epochs": 2,
+        "localise.crop_width": 32,
+        "localise.crop_height": 32,
+        "localise.steps": 6,
+        "localise.batch_size": 8,
+        "localise.views": 2,
         "crops.backbones": [],  # no crop models unless a test asks (tests.projects' tiny demo does)
         "crops.image_size": 32,
     }

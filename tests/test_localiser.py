@@ -127,18 +127,79 @@ def scenes(n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def test_the_localiser_learns_to_find_a_fish_on_frames_it_never_saw():
-    """Trained on 96 tiny scenes, it must box most held-out fish (a net that learnt nothing scores ~0)."""
+    """Trained on crops of 96 tiny scenes, it must box most held-out whole fish (a net that learnt nothing
+    scores ~0): the crops, their targets and the copy of the weights into a whole-frame net all have to agree."""
     import albumentations as A
 
     frames, boxes = scenes(128, seed=0)
-    targets = np.stack([localiser.encode(b, IN_W, IN_H) for b in boxes])
-    model = localiser.fit_localiser(frames, targets, np.arange(96), channels=8, epochs=12, batch_size=16,
+    model = localiser.fit_localiser(frames, boxes, np.arange(96), channels=8, steps=160, batch_size=16,
+                                    crop_width=48, crop_height=32, scale_jitter=0.2, positive_share=0.7, views=1,
                                     learning_rate=0.01, policy=A.Compose([]), seed=0)
+    assert model.input_shape == (None, IN_H, IN_W, 3)  # it boxes whole frames, though it trained on crops
     maps = localiser.predict_maps(model, frames[96:])
     place = Letterbox(1.0, 0, 0, IN_W, IN_H)
     scores = localise.box_scores([localiser.decode(m, place, IN_W, IN_H) for m in maps], boxes[96:])
     assert scores["n_images"] == 32
     assert scores["share_iou_50"] >= 0.6, scores
+
+
+def bright_box(crop: np.ndarray) -> np.ndarray:
+    """x, y, width, height of the bright pixels of a crop (the planted fish)."""
+    ys, xs = np.nonzero(crop[..., 0] > 170)
+    return np.array([xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()], dtype=np.float64)
+
+
+def test_a_training_crop_moves_scales_and_flips_its_box_with_its_pixels():
+    """Wherever a crop is cut, however it is rescaled and flipped, the box it returns is where the fish's pixels
+    are: a box that drifted from its fish would teach the net to miss by that much."""
+    frames, boxes = scenes(1, seed=3)
+    rng = np.random.default_rng(0)
+    seen = 0
+    for _ in range(60):
+        crop, out = localiser.draw_crop(frames[0], boxes[0], rng, 40, 32, scale_jitter=0.4, positive_share=1.0)
+        assert crop.shape == (32, 40, 3) and crop.dtype == np.uint8
+        assert len(out) == 1  # every crop is centred near the only fish: its centre is inside
+        drawn = bright_box(crop)
+        inner = (out[0, :2] > 1).all() and (out[0, :2] + out[0, 2:] < [39, 31]).all()
+        if inner:  # a fish cut by the crop's edge has pixels only on one side of it
+            np.testing.assert_allclose(drawn, out[0], atol=1.5)
+            seen += 1
+    assert seen > 20
+
+
+def test_crops_away_from_fish_hold_no_centres_and_views_keep_the_frame_itself():
+    frames, boxes = scenes(2, seed=4)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        crop, out = localiser.draw_crop(frames[0], np.zeros((0, 4)), rng, 32, 32, 0.3, 1.0)
+        assert out.shape == (0, 4) and crop.shape == (32, 32, 3)  # no fish: a background crop, no centres
+    import albumentations as A
+
+    views = localiser.photometric_views(frames, A.Compose([A.InvertImg(p=1.0)]), 3, seed=0)
+    assert views.shape == (3, *frames.shape)
+    np.testing.assert_array_equal(views[0], frames)
+    np.testing.assert_array_equal(views[1], 255 - frames)
+
+
+def test_crop_batches_are_repeatable_by_index_and_differ_between_indices():
+    frames, boxes = scenes(8, seed=5)
+    make = lambda: localiser.CropBatches(frames[None], boxes, np.arange(8), batch_size=4, steps=3, crop_w=32,  # noqa: E731
+                                         crop_h=32, scale_jitter=0.3, positive_share=0.7, seed=9)
+    a, b = make(), make()
+    assert len(a) == 3
+    x0, t0 = a[0]
+    assert x0.shape == (4, 32, 32, 3) and t0.shape == (4, 32 // STRIDE, 32 // STRIDE, 6)
+    np.testing.assert_array_equal(b[0][0], x0)
+    np.testing.assert_array_equal(b[0][1], t0)
+    assert not np.array_equal(a[1][0], x0)
+
+
+def test_crops_larger_than_the_frame_are_refused():
+    frames, boxes = scenes(4, seed=6)
+    with pytest.raises(ValueError, match="crop_width"):
+        localiser.fit_localiser(frames, boxes, np.arange(4), channels=8, steps=1, batch_size=2, crop_width=80,
+                                crop_height=32, scale_jitter=0.0, positive_share=0.5, views=1, learning_rate=0.01,
+                                policy=None, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ stage scores

@@ -122,7 +122,12 @@ class Localise:
     width: int  # the letterboxed input, multiples of 16
     height: int
     channels: int  # at stride 4; the net has about 420 x channels^2 weights
-    epochs: int
+    crop_width: int  # training crops of the letterboxed frames, multiples of 16
+    crop_height: int
+    scale_jitter: float  # crops rescaled by exp(U(-s, s))
+    positive_share: float  # crops centred near a fish
+    views: int  # photometric draws per training frame and fold, the frame itself included
+    steps: int  # training batches per fold
     batch_size: int
     learning_rate: float
     flip_tta: bool  # average the maps of each frame and its mirror image

@@ -35,7 +35,7 @@ from pipeline.core.localiser import (
     Detection,
     Letterbox,
     decode,
-    encode,
+    STRIDE,
     fit_localiser,
     iou,
     letterbox,
@@ -63,7 +63,7 @@ class Settings:
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def letterboxed_frames(paths: list[str], sizes: list[tuple[int, int]], cfg: Localise) -> np.ndarray:
+def letterboxed_frames(paths: list[str], cfg: Localise) -> np.ndarray:
     """Every frame decoded (a large JPEG at reduced scale) and letterboxed into the localiser's input."""
     out = np.zeros((len(paths), cfg.height, cfg.width, 3), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc="localise: decode", unit="img", mininterval=2)):
@@ -149,18 +149,17 @@ def _run_in_scope(s: Settings) -> dict:
     train_rows, test_rows = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     folds = assign_folds(train_labels(manifest, where=paths.manifest), manifest.loc[is_train, "group"].to_numpy(),
                          s.cv.n_folds, s.cv.group_by, s.seed)
-    frames = letterboxed_frames(manifest["path"].tolist(), list(zip(manifest.width, manifest.height, strict=True)),
-                                cfg)
+    frames = letterboxed_frames(manifest["path"].tolist(), cfg)
     boxes = boxes_by_id(pd.read_csv(paths.boxes), "id")
     truth_train = [boxes.get(name, np.zeros((0, 4))) for name in manifest["id"].iloc[train_rows]]
     placements = [Letterbox.fit(w, h, cfg.width, cfg.height) for w, h in zip(manifest.width, manifest.height,
                                                                                strict=True)]
-    targets = np.stack([encode(placements[r].to_input(t), cfg.width, cfg.height)
-                        for r, t in zip(train_rows, truth_train, strict=True)])
+    boxes_in = [placements[r].to_input(t) for r, t in zip(train_rows, truth_train, strict=True)]  # input pixels
     policy = photometric_policy(s.augment)
 
-    oof_maps = np.zeros((len(train_rows), *targets.shape[1:3], 5), dtype=np.float32)
-    test_maps = np.zeros((len(test_rows), *targets.shape[1:3], 5), dtype=np.float32)
+    grid = (cfg.height // STRIDE, cfg.width // STRIDE, 5)
+    oof_maps = np.zeros((len(train_rows), *grid), dtype=np.float32)
+    test_maps = np.zeros((len(test_rows), *grid), dtype=np.float32)
     models_dir = Path(paths.localiser)
     models_dir.mkdir(parents=True, exist_ok=True)
     for old in models_dir.glob("fold*.keras"):  # no model of an earlier run stays beside this run's
@@ -171,9 +170,11 @@ def _run_in_scope(s: Settings) -> dict:
             started = time.perf_counter()
             fit_pos, val_pos = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
             # Positions into train_rows index both `frames[train_rows]` and `targets`.
-            model = fit_localiser(frames[train_rows], targets, fit_pos, channels=cfg.channels, epochs=cfg.epochs,
-                                  batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, policy=policy,
-                                  seed=s.seed + k)
+            model = fit_localiser(frames[train_rows], boxes_in, fit_pos, channels=cfg.channels, steps=cfg.steps,
+                                  batch_size=cfg.batch_size, crop_width=cfg.crop_width, crop_height=cfg.crop_height,
+                                  scale_jitter=cfg.scale_jitter, positive_share=cfg.positive_share, views=cfg.views,
+                                  learning_rate=cfg.learning_rate, policy=policy, seed=s.seed + k,
+                                  progress=f"localise fold {k}")
             oof_maps[val_pos] = predict_maps(model, frames[train_rows[val_pos]], flip=cfg.flip_tta)
             test_maps += predict_maps(model, frames[test_rows], flip=cfg.flip_tta) / s.cv.n_folds
             save_keras(model, models_dir / f"fold{k}.keras")
@@ -191,10 +192,12 @@ def _run_in_scope(s: Settings) -> dict:
             detections[r] = decode(test_maps[p], placements[r], cfg.width, cfg.height)
         table = localised_table(manifest, detections, folds, train_rows)
         write_csv(paths.localised, table)
-        report = score(manifest, detections, truth_train, train_rows, paths)
+        test_truth = true_test_boxes(paths)
+        report = score(manifest, detections, truth_train, train_rows, test_truth, paths)
         report["devices"] = device_summary()
         write_json(paths.localise_report, report)
-        figures = sample_frames(manifest, detections, truth_train, train_rows, paths)
+        truth = {**dict(zip(manifest["id"].iloc[train_rows], truth_train, strict=True)), **(test_truth or {})}
+        figures = sample_frames(manifest, detections, truth, train_rows)
         save_figure(plot_boxes(figures, "localised (red) against true (green) boxes: out of fold, then stage 2"),
                     Path(paths.figures) / "localise" / "boxes.png")
         tracking.log_metrics({k: v for k, v in flatten(report).items() if isinstance(v, float)})
@@ -215,22 +218,26 @@ def localised_table(manifest: pd.DataFrame, detections: list[Detection], folds: 
     }, columns=list(COLUMNS))
 
 
+def true_test_boxes(paths: Paths) -> dict[str, np.ndarray] | None:
+    """The test images' true boxes by image name, where the source has them (the demo does); else None."""
+    solution = pd.read_csv(paths.solution_boxes) if Path(paths.solution_boxes).is_file() else pd.DataFrame()
+    return boxes_by_id(solution, "image") if not solution.empty else None
+
+
 def score(manifest: pd.DataFrame, detections: list[Detection], truth_train: list[np.ndarray],
-          train_rows: np.ndarray, paths: Paths) -> dict:
+          train_rows: np.ndarray, test_truth: dict[str, np.ndarray] | None, paths: Paths) -> dict:
     """Out-of-fold scores against the annotations, test scores against the true boxes, NoF separation."""
     train_dets = [detections[r] for r in train_rows]
     has_fish = np.array([len(t) > 0 for t in truth_train])
     conf = np.array([d.confidence for d in train_dets])
     report = {"out_of_fold": {**box_scores(train_dets, truth_train), **nof_separation(conf, has_fish),
                               "truth": "the annotation boxes (paths.boxes)"}}
-    solution = pd.read_csv(paths.solution_boxes) if Path(paths.solution_boxes).is_file() else pd.DataFrame()
-    if not solution.empty:
+    if test_truth is not None:
         labels = pd.read_csv(paths.solution, keep_default_na=False) if Path(paths.solution).is_file() else None
-        truth = boxes_by_id(solution, "image")
         for stage, split in ((1, "test_stg1"), (2, "test_stg2")):
             rows = np.flatnonzero((manifest["split"] == split).to_numpy())
             dets = [detections[r] for r in rows]
-            true = [truth.get(name, np.zeros((0, 4))) for name in manifest["id"].iloc[rows]]
+            true = [test_truth.get(name, np.zeros((0, 4))) for name in manifest["id"].iloc[rows]]
             entry = box_scores(dets, true)
             if labels is not None and not labels.empty:
                 nof = set(labels.loc[labels["label"] == "NoF", "image"])
@@ -240,20 +247,14 @@ def score(manifest: pd.DataFrame, detections: list[Detection], truth_train: list
     return report
 
 
-def sample_frames(manifest, detections, truth_train, train_rows, paths, n: int = 8) -> list:
-    """A few out-of-fold training frames and stage-2 frames, at full resolution, with their boxes."""
-    from pipeline.core.decode import decode_bytes as _decode
-
+def sample_frames(manifest, detections, truth: dict[str, np.ndarray], train_rows, n: int = 8) -> list:
+    """A few out-of-fold training frames and stage-2 frames, at full resolution, with their true boxes."""
     picks = list(train_rows[:: max(1, len(train_rows) // n)][:n])
     stage2 = np.flatnonzero((manifest["split"] == "test_stg2").to_numpy())
     picks += list(stage2[:: max(1, len(stage2) // n)][:n])
-    truth = dict(zip(manifest["id"].iloc[train_rows], truth_train, strict=True))
-    if Path(paths.solution_boxes).is_file():
-        solution = pd.read_csv(paths.solution_boxes)
-        truth.update(boxes_by_id(solution, "image") if not solution.empty else {})
     out = []
     for r in picks:
-        rgb = _decode(Path(manifest["path"].iloc[r]).read_bytes())[0]
+        rgb = decode_bytes(Path(manifest["path"].iloc[r]).read_bytes())[0]
         name = manifest["id"].iloc[r]
         out.append((name, rgb, detections[r], truth.get(name, np.zeros((0, 4)))))
     return out
