@@ -297,6 +297,18 @@ class CropBatches(keras.utils.PyDataset):
         return x, t
 
 
+def _jit() -> bool | str:
+    """XLA for the training step where Keras' "auto" would refuse it only for op determinism: on these small
+    inputs it measured 2-3x faster steps on two CPU cores (59-128 against 175-257 ms for 32 crops, a noisy
+    machine). A rerun writes the same bytes (tests/test_pipeline_smoke.py reruns the stage). Under several
+    replicas, Keras' own choice."""
+    if keras.backend.backend() != "tensorflow":
+        return "auto"
+    import tensorflow as tf
+
+    return True if tf.distribute.get_strategy().num_replicas_in_sync == 1 else "auto"
+
+
 class StepProgress(keras.callbacks.Callback):
     """A tqdm bar over the training steps, with the running loss (Keras' own bar is one line per epoch in a log)."""
 
@@ -332,7 +344,7 @@ def fit_localiser(frames: np.ndarray, boxes: list[np.ndarray], rows: np.ndarray,
     keras.utils.set_random_seed(seed)
     model = build_localiser(crop_width, crop_height, channels)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=centernet_loss)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=centernet_loss, jit_compile=_jit())
     # Only the rows trained on get views: on the real data every view of every frame would be gigabytes.
     rows = np.asarray(rows)
     drawn = photometric_views(frames[rows], policy, views, seed)
