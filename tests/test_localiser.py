@@ -260,3 +260,24 @@ def test_truth_crops_use_the_largest_box_and_a_misaligned_table_is_refused(tmp_p
     np.testing.assert_array_equal(localised_only, [[1, 1, 5, 5]] * 3)
     with pytest.raises(ValueError, match="not row-aligned"):
         crops_stage.crop_boxes(manifest, localised.iloc[::-1], truth, P)
+
+
+def test_a_localiser_saved_twice_is_the_same_file_and_loads_back(tmp_path):
+    """DVC compares the fold models by digest: the same weights must give the same bytes though the layers'
+    shared dtype policy is another object (at another address) in another process, and the file must load."""
+    import keras
+
+    from pipeline.core.files import save_keras
+
+    saved = []
+    for k in range(2):
+        keras.config.set_dtype_policy("float32")  # a new policy object, as a new process would have
+        keras.utils.set_random_seed(0)
+        model = localiser.build_localiser(IN_W, IN_H, 8)
+        save_keras(model, tmp_path / f"{k}.keras")
+        saved.append((tmp_path / f"{k}.keras").read_bytes())
+    assert saved[0] == saved[1]
+    frames, _ = scenes(2, seed=1)
+    loaded = keras.models.load_model(tmp_path / "1.keras", compile=False)
+    np.testing.assert_allclose(localiser.predict_maps(loaded, frames), localiser.predict_maps(model, frames),
+                               atol=1e-6)

@@ -100,11 +100,28 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
+def _renumber_shared_objects(config: object) -> object:
+    """`config` with each `shared_object_id` (the Python id() of an object several layers share, such as one
+    dtype policy) replaced by its order of first appearance: the ids only have to agree within the file."""
+    numbers: dict[object, int] = {}
+
+    def walk(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: numbers.setdefault(v, len(numbers) + 1) if k == "shared_object_id" else walk(v)
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(config)
+
+
 def save_keras(model: object, path: str | Path) -> None:
-    """`model.save(path)` with the save date and zip entry times fixed, atomically.
+    """`model.save(path)` with the save date, shared-object ids and zip entry times fixed, atomically.
 
     A `.keras` file is a zip of the config, `metadata.json` (Keras version and date saved) and the weights;
-    the same model saved twice then differs only in the date and the entry times, which are normalised here.
+    the same model saved twice then differs only in the date, in the memory addresses the config records for
+    objects its layers share, and in the entry times: all three are normalised here.
     """
     path = Path(path)
     with atomic_path(path, suffix=".keras") as tmp:
@@ -118,6 +135,8 @@ def save_keras(model: object, path: str | Path) -> None:
                         meta = json.loads(data)
                         meta.pop("date_saved", None)
                         data = json.dumps(meta, sort_keys=True).encode()
+                    elif info.filename == "config.json":
+                        data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
                     dst.writestr(zipfile.ZipInfo(info.filename, ZIP_EPOCH), data, zipfile.ZIP_DEFLATED)
         finally:
             with contextlib.suppress(FileNotFoundError):
