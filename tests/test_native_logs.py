@@ -15,6 +15,8 @@ CHATTER = (
     b"E0000 00:00:1796278622.724629    2505 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
     b"E0000 00:00:1796278622.7    2505 meta_optimizer.cc:966] NodeDef mentions attribute use_unbounded_threadpool "
     b"which is not in the op definition\n"
+    b"E0000 00:00:1796415038.822320    3510 util.cc:131] oneDNN supports DT_INT32 only on platforms with AVX-512. "
+    b"Falling back to the default Eigen-based implementation if present.\n"
     b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the appropriate "
     b"compiler flags.\n"
 )

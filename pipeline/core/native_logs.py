@@ -29,9 +29,11 @@ NOISE = re.compile(
     rb"(?:"
     # absl's informational lines: "I0000 00:00:1796278615.374767    2505 port.cc:153] ..."
     rb"I\d{4} \d\d:\d\d:[\d.]+ +\d+ [^\]\s]+:\d+\] [^\n]*"
-    # errors that are not: no CUDA driver on a CPU machine, and a tf.data attribute TensorFlow itself wrote
+    # errors that are not: no CUDA driver on a CPU machine, a tf.data attribute TensorFlow itself wrote, and
+    # oneDNN handing an int32 op to Eigen on a CPU without AVX-512 (the XLA-compiled localiser step)
     rb"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ [^\]\s]+:\d+\] (?:failed call to cuInit|NodeDef mentions attribute "
-    rb"use_unbounded_threadpool|Unable to register cu(?:DNN|FFT|BLAS) factory)[^\n]*"
+    rb"use_unbounded_threadpool|Unable to register cu(?:DNN|FFT|BLAS) factory|oneDNN supports DT_INT32 only on "
+    rb"platforms with AVX-512\. Falling back)[^\n]*"
     # tf.data cancelling its own background graph optimisation when an iterator finishes early
     rb"|W\d{4} \d\d:\d\d:[\d.]+ +\d+ root_dataset\.cc:\d+\] Optimization loop failed: CANCELLED[^\n]*"
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
