@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tests.factories import ROOT, tiny_params
 
@@ -45,13 +49,30 @@ def fresh_env(home: Path) -> dict[str, str]:
 
 
 def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> str:
-    """Run a command (a list, or one shell line) and return its output; fail the test with its tail."""
+    """Run a command (a list, or one shell line) and return its output; fail the test with its tail.
+
+    A command still running after `timeout` seconds is killed with everything it started in its session, and
+    the test fails with what it had printed (a traced script shows the line it stood on)."""
     shell = isinstance(cmd, str)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, shell=shell, capture_output=True, text=True, timeout=timeout,
-                          executable="/bin/bash" if shell else None)
     shown = cmd if shell else " ".join(cmd)
-    assert proc.returncode == 0, f"{shown} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    # Files, not pipes: a daemon the command starts (DVC's queue workers) may hold its output open.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, shell=shell, stdout=out, stderr=err, text=True,
+                                executable="/bin/bash" if shell else None, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    tails = f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    if timed_out:
+        pytest.fail(f"{shown} still running after {timeout} s, killed:\n{tails}")
+    assert proc.returncode == 0, f"{shown} failed ({proc.returncode}):\n{tails}"
+    return stdout + stderr
 
 
 def make_project(work: Path, git: bool = False, **overrides) -> Path:

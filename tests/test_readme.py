@@ -101,7 +101,9 @@ def _run_here() -> list[str]:
 def test_the_readmes_commands_work_in_a_fresh_shell(demo_project):
     """Each block pasted into a new shell: two queued experiments run at once, their table, their plots."""
     work, _ = demo_project
-    outputs = "".join(run(script, work, fresh_env(work), timeout=1500) for script in scripts())
+    # Traced with the shell's clock, so a block that stalls says on which command (about 4 min here, idle).
+    traced = (f"PS4='+ [${{SECONDS}} s] '\nset -x\n{script}" for script in scripts())
+    outputs = "".join(run(script, work, fresh_env(work), timeout=900) for script in traced)
     shown = outputs[outputs.index("Experiment"):] if "Experiment" in outputs else outputs
     for name in ("resnet-128", "random-folds"):
         assert name in shown, f"experiment {name} missing from dvc exp show:\n{shown}"
