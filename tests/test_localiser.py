@@ -194,6 +194,22 @@ def test_crop_batches_are_repeatable_by_index_and_differ_between_indices():
     assert not np.array_equal(a[1][0], x0)
 
 
+def test_the_trained_localiser_does_not_depend_on_how_many_threads_built_its_batches(monkeypatch):
+    """The threads that build batches ahead of the step are a speed setting: batch i is the same draw whichever
+    thread builds it and the steps take them in order, so two and three threads train the same net."""
+    import albumentations as A
+
+    frames, boxes = scenes(24, seed=7)
+    maps = []
+    for threads in (2, 3):
+        monkeypatch.setattr(localiser, "INPUT_THREADS", threads)
+        model = localiser.fit_localiser(frames, boxes, np.arange(24), channels=8, steps=12, batch_size=4,
+                                        crop_width=32, crop_height=32, scale_jitter=0.2, positive_share=0.7,
+                                        views=1, learning_rate=0.01, policy=A.Compose([]), seed=3)
+        maps.append(localiser.predict_maps(model, frames[:6]))
+    np.testing.assert_allclose(maps[0], maps[1], atol=1e-5)
+
+
 def test_crops_larger_than_the_frame_are_refused():
     frames, boxes = scenes(4, seed=6)
     with pytest.raises(ValueError, match="crop_width"):

@@ -32,10 +32,10 @@ from pipeline.core.devices import configure_devices, device_summary
 from pipeline.core.files import save_figure, save_keras, write_csv, write_json
 from pipeline.core.folds import assign_folds
 from pipeline.core.localiser import (
+    STRIDE,
     Detection,
     Letterbox,
     decode,
-    STRIDE,
     fit_localiser,
     iou,
     letterbox,
