@@ -67,6 +67,37 @@ def test_a_peak_one_cell_off_still_reads_the_box_it_was_trained_on():
     assert det.confidence == pytest.approx(0.9)
 
 
+def test_the_cells_around_the_peak_vote_and_outvote_one_cell_that_is_off():
+    """The 3 x 3 cells around a centre all learnt its box; one of them wrong (here the peak's own size, 40% too
+    large) moves the decoded box by a fraction of its error, not by all of it."""
+    box = (20.0, 16.0, 18.0, 10.0)
+    maps = as_maps(localiser.encode(np.array([box]), IN_W, IN_H)).copy()
+    i, j = np.unravel_index(int(np.argmax(maps[..., 0])), maps.shape[:2])
+    maps[i, j, 3:5] += np.log(1.4)
+    det = localiser.decode(maps, Letterbox(1.0, 0, 0, IN_W, IN_H), IN_W, IN_H)
+    assert box[2] < det.width < box[2] * 1.2 and box[3] < det.height < box[3] * 1.2
+    assert det.confidence == 1.0
+
+
+def test_a_neighbouring_fishs_cells_do_not_vote_for_the_peaks_box():
+    """Two fish two cells apart: the cells between them point at the other fish, so they are left out of the
+    vote, and each peak still decodes to exactly its own box."""
+    boxes = np.array([[10.0, 14.0, 12.0, 8.0], [18.0, 14.0, 14.0, 10.0]])
+    target = localiser.encode(boxes, IN_W, IN_H)
+    place = Letterbox(1.0, 0, 0, IN_W, IN_H)
+    for keep, box in enumerate(boxes):
+        maps = as_maps(target).copy()
+        cx, cy = (boxes[1 - keep, :2] + boxes[1 - keep, 2:] / 2) / STRIDE
+        maps[int(cy), int(cx), 0] = 0.0  # only this fish's peak is left
+        det = localiser.decode(maps, place, IN_W, IN_H)
+        np.testing.assert_allclose([det.x, det.y, det.width, det.height], box, atol=1e-4)
+
+
+def test_all_zero_maps_still_decode_to_a_finite_box():
+    det = localiser.decode(np.zeros((IN_H // STRIDE, IN_W // STRIDE, 5)), Letterbox(1.0, 0, 0, IN_W, IN_H), IN_W, IN_H)
+    assert np.isfinite([det.x, det.y, det.width, det.height]).all() and det.confidence == 0.0
+
+
 def test_a_frame_without_fish_has_an_all_zero_target():
     assert not localiser.encode(np.zeros((0, 4)), IN_W, IN_H).any()
 
