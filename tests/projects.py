@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,21 @@ TINY_CASES = {
 def fresh_env(home: Path) -> dict[str, str]:
     """What a new shell has: the system PATH and a home; no virtual environment, no MLflow or DVC variable."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+#: Resets Ctrl-C and Ctrl-\\ to what a terminal gives a program, then runs the rest of the command line.
+_TERMINAL_SIGNALS = ("import os, signal, sys\n"
+                     "for s in (signal.SIGINT, signal.SIGQUIT):\n    signal.signal(s, signal.SIG_DFL)\n"
+                     "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def in_a_terminal(command: str) -> list[str]:
+    """`command` as a shell in a user's terminal runs it, for tests that stop it with Ctrl-C (SIGINT).
+
+    A test runner started in the background (`pytest &`, a CI agent) ignores SIGINT, and a program inherits that,
+    so Ctrl-C would do nothing and the test would fail for the runner's sake, not the code's: the signals are
+    reset before the shell starts (a shell cannot undo an ignored signal itself)."""
+    return [sys.executable, "-c", _TERMINAL_SIGNALS, "/bin/bash", "-c", command]
 
 
 def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> str:

@@ -51,6 +51,42 @@ def test_head_outputs_probabilities_and_has_dropout_and_batchnorm():
     np.testing.assert_allclose(out.sum(1), 1, atol=1e-5)
 
 
+def test_fit_head_trains_the_head_keras_plain_loop_would():
+    """`fit_head` runs each epoch in one compiled call and scores validation without `predict`, for speed only:
+    the epochs kept, the validation log losses and the head's predictions must be those of Keras' plain loop
+    (a step a call, `predict` for validation, the same early stopping)."""
+    import tensorflow as tf
+
+    from pipeline.core.heads import ValidationLogLoss, fit_head
+    from pipeline.core.metrics import kaggle_log_loss
+    from pipeline.core.params import Head, HeadTraining
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(300, 24)).astype("float32"), rng.integers(0, 4, 300)
+    xv, yv = rng.normal(size=(40, 24)).astype("float32"), rng.integers(0, 4, 40)
+    x[np.arange(300), y] += 1.5  # something to learn, so that early stopping has an epoch to choose
+    xv[np.arange(40), yv] += 1.5
+    cfg = HeadTraining(epochs=30, batch_size=32, learning_rate=0.01, patience=3, label_smoothing=0.0)
+    head_cfg = Head(units=16, dropout_in=0.1, dropout_out=0.3)
+    tf.config.experimental.enable_op_determinism()
+    head, history = fit_head(x, y, xv, yv, 4, head_cfg, cfg, seed=0)
+
+    class PlainLoss(ValidationLogLoss):  # the plain loop's scoring: Keras' predict
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = kaggle_log_loss(self.y, self.model.predict(self.x, verbose=0))
+
+    keras.utils.set_random_seed(0)
+    plain = build_head(24, 4, 16, 0.1, 0.3)
+    plain.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.CategoricalCrossentropy(),
+                  metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True, mode="min")
+    ref = plain.fit(x, keras.utils.to_categorical(y, 4), epochs=30, batch_size=32, shuffle=True,
+                    callbacks=[PlainLoss(xv, yv, 1024), stop], verbose=0)
+    assert 3 < len(history["val_loss"]) < 30  # it stopped early, on an epoch it chose
+    np.testing.assert_allclose(history["val_loss"], ref.history["val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(head.predict(xv, verbose=0), plain.predict(xv, verbose=0), atol=1e-6)
+
+
 def test_classifier_saves_and_reloads_with_its_preprocessing(tmp_path):
     extractor = models.build_extractor("vgg16", 32, weights="none")
     clf = models.build_classifier(extractor, build_head(512, 8, 8, 0.1, 0.1))

@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 
 from tests.factories import ROOT
-from tests.projects import fresh_env, run
+from tests.projects import fresh_env, in_a_terminal, run
 
 README = ROOT / "README.md"
 
@@ -158,7 +158,7 @@ def test_make_tables_rewrites_only_the_tables_from_the_clones_reports(demo_proje
 def test_the_readmes_servers_answer_and_stop_on_ctrl_c(demo_project, command):
     work, _ = demo_project
     port = SERVERS[command]
-    server = subprocess.Popen(command, shell=True, cwd=work, env=fresh_env(work), start_new_session=True,
+    server = subprocess.Popen(in_a_terminal(command), cwd=work, env=fresh_env(work), start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -27,7 +27,7 @@ from pipeline.core.params import load
 from pipeline.stages import augment, train
 from pipeline.tools import team_server, ui
 from tests.factories import ROOT, synthetic_images, tiny_params
-from tests.projects import fresh_env, make_project
+from tests.projects import fresh_env, in_a_terminal, make_project
 
 pytestmark = pytest.mark.slow
 WARNING = "WARNING: MLflow tracking failed"
@@ -46,7 +46,7 @@ def team(tmp_path_factory):
     folder = Path(tempfile.mkdtemp(prefix="team-"))
     folder.chmod(0o755)
     port = ui.free_port()
-    make = subprocess.Popen(f"make team-server PORT={port} TEAM_DIR={folder}", shell=True, cwd=clone,
+    make = subprocess.Popen(in_a_terminal(f"make team-server PORT={port} TEAM_DIR={folder}"), cwd=clone,
                             env=fresh_env(clone), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     servers: list[subprocess.Popen] = []
