@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.core.files import read_json, write_json
 
-MODULES = ("ingest", "crops", "train")  # ingest first: its workers may fork only before TensorFlow loads
+MODULES = ("ingest", "crops", "train", "heads")  # ingest first: its workers may fork only before TensorFlow loads
 OUT = Path("reports/bench.json")
 
 
@@ -37,6 +37,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = read_json(OUT) if OUT.exists() else {}
+    # Rows from before rows carried a date keep the date of the run that wrote them, not this run's.
+    earlier = results.get("_machine", {}).get("date")
+    for key, row in results.items():
+        if key != "_machine" and earlier:
+            row.setdefault("date", earlier)
     rows = []
     # Each row carries its own date: a partial run (--only) replaces some rows and keeps the others.
     date = time.strftime("%Y-%m-%d %H:%M")
