@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline.core.files import read_json, write_json
 
-MODULES = ("ingest", "crops", "train", "heads")  # ingest first: its workers may fork only before TensorFlow loads
+# ingest first: its workers may fork only before TensorFlow loads
+MODULES = ("ingest", "crops", "train", "heads", "localise")
 OUT = Path("reports/bench.json")
 
 

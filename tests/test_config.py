@@ -23,6 +23,11 @@ class Reads:
     train: Train
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocaliseReads:
+    localise: params.Localise
+
+
 @pytest.fixture
 def path(tmp_path):
     target = tmp_path / "params.yaml"
@@ -85,6 +90,19 @@ def test_wrong_type_is_named(path):
     _edit(path, lambda r: r["train"].update(epochs="ten"))
     with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
         load(Reads, path)
+
+
+@pytest.mark.parametrize("value", [2, "auto"])
+def test_a_setting_of_either_kind_takes_either(path, value):
+    _edit(path, lambda r: r["localise"].update(processes=value))
+    assert load(_LocaliseReads, path).localise.processes == value
+
+
+def test_a_setting_of_either_kind_names_both_when_it_is_neither(path):
+    _edit(path, lambda r: r["localise"].update(processes="many"))
+    both = r"localise.processes: expected an integer.* or 'many' is not one of \['auto'\]"
+    with pytest.raises(ConfigError, match=both):
+        load(_LocaliseReads, path)
 
 
 @pytest.mark.parametrize("seed", ["42", 4.2, True, None])

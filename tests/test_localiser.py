@@ -3,6 +3,13 @@ to find a fish at all, the scores the localise stage reports, and the crops cut 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -239,6 +246,98 @@ def test_the_trained_localiser_does_not_depend_on_how_many_threads_built_its_bat
                                         views=1, learning_rate=0.01, policy=A.Compose([]), seed=3)
         maps.append(localiser.predict_maps(model, frames[:6]))
     np.testing.assert_allclose(maps[0], maps[1], atol=1e-5)
+
+
+def test_folds_trained_in_processes_of_their_own_are_the_folds_trained_here():
+    """localise.processes is a speed setting: a fold trained in a spawned process, beside another fold, ends
+    with the very weights it ends with when the folds train one after another in the stage's own process."""
+    import dataclasses
+
+    from pipeline.core.params import load
+
+    s = load(localise.Settings)
+    s = dataclasses.replace(s, localise=dataclasses.replace(
+        s.localise, width=IN_W, height=IN_H, channels=8, crop_width=32, crop_height=32, views=2, steps=8,
+        batch_size=4))
+    frames, boxes = scenes(12, seed=8)
+    jobs = [localise.FoldJob(k, np.arange(12)[np.arange(12) % 2 != k], seed=5 + k, line=k) for k in range(2)]
+    here = list(localise.trained_folds(jobs, frames, boxes, s, processes=1))
+    apart = list(localise.trained_folds(jobs, frames, boxes, s, processes=2))
+    assert len(apart) == 2
+    for (mine, _), (theirs, _) in zip(here, apart, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(here[0][0][0], here[1][0][0])  # the two folds are two different nets
+
+
+def _fold_processes_running(timeout: float = 120.0):
+    """Start tests/fold_processes_script.py; once both its fold processes train, return it and their pids."""
+    from tests.factories import ROOT
+
+    script = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fold_processes_script.py")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    parent = int(script.stdout.readline())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(parent), "-f", "spawn_main"],
+                                                   capture_output=True, text=True).stdout.split()]
+        if len(children) == 2 and all(_cpu_seconds(p) > 8 for p in children):  # past TensorFlow's import
+            return script, children
+        time.sleep(1)
+    script.kill()
+    pytest.fail("the two fold processes never started training")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":  # exited, not yet reaped by whoever adopted it
+            return True
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_fold_process_that_dies_stops_the_stage_with_what_to_do():
+    script, children = _fold_processes_running()
+    os.kill(children[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    out, _ = script.communicate(timeout=120)
+    assert "fold's process died" in out and "localise.processes: 1" in out
+    assert _gone(children[1], within=30), "the other fold process outlived the stage"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_fold_processes_end_themselves_when_the_stage_is_killed():
+    script, children = _fold_processes_running()
+    script.kill()  # no chance to shut its pool down
+    script.wait(timeout=30)
+    assert all(_gone(pid, within=15) for pid in children), "a fold process kept running after the stage died"
+
+
+def test_folds_train_two_at_once_on_cpus_and_one_at_a_time_on_a_gpu():
+    assert localise.fold_processes("auto", n_folds=5, cpus=2) == 2
+    assert localise.fold_processes("auto", n_folds=5, cpus=16, devices=1) == 1  # a GPU
+    assert localise.fold_processes("auto", n_folds=5, cpus=1) == 1
+    assert localise.fold_processes(8, n_folds=5, cpus=2) == 5  # never more processes than folds
+    from pipeline.core.params import ConfigError
+
+    with pytest.raises(ConfigError, match="localise.processes"):
+        localise.fold_processes(0, n_folds=5, cpus=2)
 
 
 def test_crops_larger_than_the_frame_are_refused():

@@ -131,6 +131,7 @@ class Localise:
     batch_size: int
     learning_rate: float
     flip_tta: bool  # average the maps of each frame and its mirror image
+    processes: int | Literal["auto"]  # folds trained at once, each in its own process; 1: in the stage's own
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,13 @@ def _coerce(value: object, typ: object, where: str) -> object:
         if value is None and type(None) in typing.get_args(typ):
             return None
         inner = [t for t in typing.get_args(typ) if t is not type(None)]
-        return _coerce(value, inner[0], where)
+        errors = []
+        for alternative in inner:  # the first alternative the value fits
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError as exc:
+                errors.append(str(exc).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {' or '.join(errors)}")
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

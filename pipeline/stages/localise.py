@@ -17,7 +17,11 @@ fish-bearing images at IoU >= 0.5, the same on each test stage against the true 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from pipeline.core.localiser import (
     STRIDE,
     Detection,
     Letterbox,
+    build_localiser,
     decode,
     fit_localiser,
     iou,
@@ -42,7 +47,18 @@ from pipeline.core.localiser import (
     predict_maps,
 )
 from pipeline.core.manifest import read_manifest, train_labels
-from pipeline.core.params import Augment, Cv, Localise, Paths, Tracking, Train, flatten, load, stage_parser
+from pipeline.core.params import (
+    Augment,
+    ConfigError,
+    Cv,
+    Localise,
+    Paths,
+    Tracking,
+    Train,
+    flatten,
+    load,
+    stage_parser,
+)
 
 #: One box per manifest row: where the crop stage cuts, in original-frame pixels.
 COLUMNS = ("id", "split", "x", "y", "width", "height", "confidence", "fold")
@@ -130,6 +146,101 @@ def plot_boxes(frames: list[tuple[str, np.ndarray, Detection, np.ndarray]], titl
     return fig
 
 
+# ------------------------------------------------------------------------------------------ fold training
+
+
+def fold_processes(setting: int | str, n_folds: int, cpus: int, devices: int = 0) -> int:
+    """How many folds train at once (`localise.processes`), each in its own process.
+
+    auto: 2 on a CPU of two cores or more. One fold's training leaves much of two cores idle: a step of 32 crops
+    is a few dozen small convolutions that two threads do not split well (29 ms a step on two threads, 37 ms on
+    one), and between steps the process builds the next batch and waits on Python; a second fold fills those
+    gaps (bench/localise.py). 1 where the strategy has GPUs or several replicas (`devices`): there one fold
+    fills the devices, and a process of its own would take them over again."""
+    if setting == "auto":
+        return 1 if devices or cpus < 2 else min(2, n_folds)
+    if setting < 1:
+        raise ConfigError(f"localise.processes: expected auto or at least 1, got {setting}")
+    return min(setting, n_folds)
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """What a fold's training needs besides the frames and boxes every fold shares."""
+
+    fold: int
+    rows: np.ndarray  # positions in the training frames that this fold trains on
+    seed: int
+    line: int  # the progress bar's terminal line
+
+
+_SHARED: dict = {}  # a fold process's frames, boxes and settings, sent once when it starts
+
+
+def _start_fold_process(frames: np.ndarray, boxes: list[np.ndarray], s: Settings, precision: str,
+                        parent: int) -> None:
+    """A fold process sets TensorFlow up as `run` did in the stage's own process (deterministic ops, the same
+    precision policy), so it trains the net that process would have. It ends itself if that process dies
+    without shutting it down (killed, or a `timeout`): else it would wait for work forever, holding its memory."""
+    import threading
+
+    import keras
+    import tensorflow as tf
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+    tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(precision)
+    _SHARED.update(frames=frames, boxes=boxes, settings=s)
+
+
+def train_fold(job: FoldJob, frames: np.ndarray, boxes: list[np.ndarray], s: Settings) -> tuple[list, float]:
+    """One fold's localiser, trained on the frames at `job.rows`: its weights, and how long it took (s)."""
+    cfg = s.localise
+    started = time.perf_counter()
+    model = fit_localiser(frames, boxes, job.rows, channels=cfg.channels, steps=cfg.steps,
+                          batch_size=cfg.batch_size, crop_width=cfg.crop_width, crop_height=cfg.crop_height,
+                          scale_jitter=cfg.scale_jitter, positive_share=cfg.positive_share, views=cfg.views,
+                          learning_rate=cfg.learning_rate, policy=photometric_policy(s.augment), seed=job.seed,
+                          progress=f"localise fold {job.fold}", progress_line=job.line)
+    return model.get_weights(), time.perf_counter() - started
+
+
+def _train_fold_in_process(job: FoldJob) -> tuple[list, float]:
+    return train_fold(job, _SHARED["frames"], _SHARED["boxes"], _SHARED["settings"])
+
+
+def trained_folds(jobs: list[FoldJob], frames: np.ndarray, boxes: list[np.ndarray], s: Settings, processes: int):
+    """Each job's (weights, seconds), in the jobs' order, as each is ready: `processes` at once, each in a
+    process of its own (spawned: TensorFlow does not survive a fork), or one after another here when 1."""
+    if processes <= 1:
+        for job in jobs:
+            yield train_fold(job, frames, boxes, s)
+        return
+    import keras
+
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_start_fold_process,
+                             initargs=(frames, boxes, s, keras.mixed_precision.global_policy().name,
+                                       os.getpid())) as pool:
+        futures = [pool.submit(_train_fold_in_process, job) for job in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(f"a localiser fold's process died ({exc}); killed from outside, or out of memory? "
+                               f"Each of the {processes} holds the training frames and their views: set "
+                               "localise.processes: 1 in params.yaml to train the folds one after another "
+                               "in the stage's own process") from exc
+        finally:
+            for future in futures:  # an error or Ctrl-C here: folds not started yet never start
+                future.cancel()
+
+
 # -------------------------------------------------------------------------------------------------- stage
 
 
@@ -143,6 +254,8 @@ def run(s: Settings) -> dict:
 
 
 def _run_in_scope(s: Settings) -> dict:
+    import tensorflow as tf
+
     cfg, paths = s.localise, s.paths
     manifest = read_manifest(paths.manifest)
     is_train = (manifest["split"] == "train").to_numpy()
@@ -155,7 +268,9 @@ def _run_in_scope(s: Settings) -> dict:
     placements = [Letterbox.fit(w, h, cfg.width, cfg.height) for w, h in zip(manifest.width, manifest.height,
                                                                                strict=True)]
     boxes_in = [placements[r].to_input(t) for r, t in zip(train_rows, truth_train, strict=True)]  # input pixels
-    policy = photometric_policy(s.augment)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    processes = fold_processes(cfg.processes, s.cv.n_folds, os.cpu_count() or 1,
+                               devices=len(tf.config.list_physical_devices("GPU")) + (replicas > 1))
 
     grid = (cfg.height // STRIDE, cfg.width // STRIDE, 5)
     oof_maps = np.zeros((len(train_rows), *grid), dtype=np.float32)
@@ -165,24 +280,22 @@ def _run_in_scope(s: Settings) -> dict:
     for old in models_dir.glob("fold*.keras"):  # no model of an earlier run stays beside this run's
         old.unlink()
     params = {"seed": s.seed, **flatten(cfg, "localise."), **flatten(s.cv, "cv.")}
+    # Positions into train_rows index both the training frames and their boxes.
+    jobs = [FoldJob(k, np.flatnonzero(folds != k), s.seed + k, k % processes) for k in range(s.cv.n_folds)]
     with tracking.start_run(s.tracking, "localise", params, tags={"stage": "localise"}):
-        for k in range(s.cv.n_folds):
-            started = time.perf_counter()
-            fit_pos, val_pos = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            # Positions into train_rows index both `frames[train_rows]` and `targets`.
-            model = fit_localiser(frames[train_rows], boxes_in, fit_pos, channels=cfg.channels, steps=cfg.steps,
-                                  batch_size=cfg.batch_size, crop_width=cfg.crop_width, crop_height=cfg.crop_height,
-                                  scale_jitter=cfg.scale_jitter, positive_share=cfg.positive_share, views=cfg.views,
-                                  learning_rate=cfg.learning_rate, policy=policy, seed=s.seed + k,
-                                  progress=f"localise fold {k}")
+        for job, (weights, seconds) in zip(jobs, trained_folds(jobs, frames[train_rows], boxes_in, s, processes),
+                                           strict=True):
+            k, val_pos = job.fold, np.flatnonzero(folds == job.fold)
+            model = build_localiser(cfg.width, cfg.height, cfg.channels)  # the whole frame, the fold's weights
+            model.set_weights(weights)
             oof_maps[val_pos] = predict_maps(model, frames[train_rows[val_pos]], flip=cfg.flip_tta)
             test_maps += predict_maps(model, frames[test_rows], flip=cfg.flip_tta) / s.cv.n_folds
             save_keras(model, models_dir / f"fold{k}.keras")
             fold = [decode(oof_maps[p], placements[train_rows[p]], cfg.width, cfg.height) for p in val_pos]
             scores = box_scores(fold, [truth_train[p] for p in val_pos])
             tracking.log_metrics({f"fold{k}_{m}": v for m, v in scores.items() if m != "n_images"})
-            print(f"localise fold {k}: {len(fit_pos)} frames trained, {len(val_pos)} boxed, mean IoU "
-                  f"{scores.get('mean_iou', float('nan')):.3f}, {time.perf_counter() - started:.0f} s")
+            print(f"localise fold {k}: {len(job.rows)} frames trained, {len(val_pos)} boxed, mean IoU "
+                  f"{scores.get('mean_iou', float('nan')):.3f}, trained in {seconds:.0f} s", flush=True)
         write_json(models_dir / SETTINGS_FILE, {**asdict(cfg), "folds": s.cv.n_folds})
 
         detections: list[Detection | None] = [None] * len(manifest)

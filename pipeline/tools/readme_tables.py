@@ -56,6 +56,9 @@ BENCH = {
     "head_epoch_speedup": "an epoch of the head as `fit_head` trains it (one compiled call an epoch, validation "
                           "by a compiled call of the model) vs Keras' plain loop (a call a batch, `predict` for "
                           "validation); the same numbers",
+    "localise_two_folds_speedup": "two localiser folds trained side by side, each in its own process "
+                                  "(`localise.processes: auto` on CPUs) vs one after the other in one process; "
+                                  "the same weights",
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 
