@@ -69,6 +69,8 @@ def test_fit_head_trains_the_head_keras_plain_loop_would():
     cfg = HeadTraining(epochs=30, batch_size=32, learning_rate=0.01, patience=3, label_smoothing=0.0)
     head_cfg = Head(units=16, dropout_in=0.1, dropout_out=0.3)
     tf.config.experimental.enable_op_determinism()
+    # A fit of other rows first: the compiled model it leaves behind must start the next fit as a new one would.
+    fit_head(x[::-1], y[::-1], xv, yv, 4, head_cfg, cfg, seed=7)
     head, history = fit_head(x, y, xv, yv, 4, head_cfg, cfg, seed=0)
 
     class PlainLoss(ValidationLogLoss):  # the plain loop's scoring: Keras' predict
@@ -85,6 +87,36 @@ def test_fit_head_trains_the_head_keras_plain_loop_would():
     assert 3 < len(history["val_loss"]) < 30  # it stopped early, on an epoch it chose
     np.testing.assert_allclose(history["val_loss"], ref.history["val_loss"], rtol=1e-6)
     np.testing.assert_allclose(head.predict(xv, verbose=0), plain.predict(xv, verbose=0), atol=1e-6)
+
+
+def test_a_fit_on_the_kept_model_trains_the_head_a_first_fit_trains_and_returned_heads_stay_put():
+    """`fit_head` keeps one compiled model per shape and resets it before each fit (speed only): a fit after
+    others must end where the same fit on a clean slate ends, bit for bit, and a head already returned must not
+    move when the kept model trains again."""
+    import tensorflow as tf
+
+    from pipeline.core import heads
+    from pipeline.core.heads import fit_head
+    from pipeline.core.params import Head, HeadTraining
+
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(200, 12)).astype("float32"), rng.integers(0, 3, 200)
+    xv, yv = rng.normal(size=(30, 12)).astype("float32"), rng.integers(0, 3, 30)
+    x[np.arange(200), y] += 1.0
+    cfg = HeadTraining(epochs=12, batch_size=32, learning_rate=0.01, patience=3, label_smoothing=0.0)
+    head_cfg = Head(units=8, dropout_in=0.2, dropout_out=0.4)
+    heads._TRAINERS.clear()
+    first, first_history = fit_head(x, y, xv, yv, 3, head_cfg, cfg, seed=1)
+    kept = [w.copy() for w in first.get_weights()]
+    fit_head(x[::-1] * 2, y, xv, yv, 3, head_cfg, cfg, seed=2)  # the kept model moves on: weights, optimizer
+    fit_head(x, y, None, None, 3, head_cfg, cfg, seed=3, fixed_epochs=5)
+    again, again_history = fit_head(x, y, xv, yv, 3, head_cfg, cfg, seed=1)
+    assert len(heads._TRAINERS) == 1  # every fit trained the one compiled model
+    assert again_history == first_history
+    for a, b, c in zip(first.get_weights(), again.get_weights(), kept, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)  # the first head did not move while the others trained
 
 
 def test_classifier_saves_and_reloads_with_its_preprocessing(tmp_path):

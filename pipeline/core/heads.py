@@ -8,6 +8,7 @@ here reads params.yaml or touches the file system.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import keras
@@ -52,6 +53,10 @@ def as_class_columns(proba: np.ndarray) -> np.ndarray:
     return np.hstack([1.0 - proba, proba]) if proba.shape[1] == 1 else proba
 
 
+#: Each model's compiled inference call, for `ValidationLogLoss`.
+_INFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ValidationLogLoss(keras.callbacks.Callback):
     """Write `val_loss` (the competition's log loss) and `val_accuracy` into every epoch's logs.
 
@@ -67,16 +72,54 @@ class ValidationLogLoss(keras.callbacks.Callback):
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
         super().__init__()
         self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
-        self._call = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self._call is None:
-            self._call = tf.function(lambda batch: self.model(batch, training=False), reduce_retracing=True)
-        proba = as_class_columns(np.concatenate([np.asarray(self._call(self.x[i : i + self.batch_size]))
+        call = _INFERENCE.get(self.model)
+        if call is None:  # one trace per model, however many fits it trains (`_Trainer`)
+            call = _INFERENCE[self.model] = tf.function(lambda batch, model=self.model: model(batch, training=False),
+                                                        reduce_retracing=True)
+        proba = as_class_columns(np.concatenate([np.asarray(call(self.x[i : i + self.batch_size]))
                                                  for i in range(0, len(self.x), self.batch_size)]))
         if logs is not None:
             logs["val_loss"] = kaggle_log_loss(self.y, proba)
             logs["val_accuracy"] = accuracy(self.y, proba)
+
+
+def _compile(head: keras.Model, train_cfg: Train | HeadTraining, per_call: int) -> None:
+    head.compile(
+        optimizer=keras.optimizers.Adam(train_cfg.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
+        metrics=["accuracy"],
+        steps_per_execution=per_call,
+    )
+
+
+class _Trainer:
+    """A compiled head kept for every fit of the same shape and settings, and the state it starts each from.
+
+    A train stage fits 15 heads (the folds, their unpeeked reruns, the leak check's other folds), and a new model
+    costs a new trace of Keras' training function, about 1.4 s on two cores, as long as the head's 15 epochs.
+    So on one device every fit of the same shape trains one compiled model, reset first to exactly what a new
+    one would start from: the fresh head's variables (its random seeds' state too) and the optimizer's variables
+    as they were before its first step. tests/test_models.py checks a fit on a reused model against a fit on a
+    new one, bit for bit.
+    """
+
+    def __init__(self, head: keras.Model, train_cfg: Train | HeadTraining, per_call: int) -> None:
+        _compile(head, train_cfg, per_call)
+        head.optimizer.build(head.trainable_variables)
+        self.head = head
+        self.start = [np.array(v.numpy()) for v in head.optimizer.variables]
+
+    def reset(self, fresh: keras.Model) -> keras.Model:
+        for mine, theirs in zip(self.head.variables, fresh.variables, strict=True):
+            mine.assign(theirs.value)
+        for variable, value in zip(self.head.optimizer.variables, self.start, strict=True):
+            variable.assign(value)
+        return self.head
+
+
+_TRAINERS: dict[tuple, _Trainer] = {}
 
 
 def fit_head(
@@ -100,24 +143,29 @@ def fit_head(
     lowest. With `fixed_epochs` it trains exactly that many epochs and never looks at `x_val`/`y_val` (which
     may be None): for scoring without selection bias.
     """
-    keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
+    one_device = strategy.num_replicas_in_sync == 1
+    # On one device, one call of the compiled step per epoch: these heads train in ~1 ms a batch, and Keras' own
+    # work around each call cost several times that (an epoch of 20 batches: 184 -> 122 ms with the validation
+    # call; the same numbers). Under several replicas Keras 3.15's multi-step loop fails on the distributed
+    # iterator, so there it stays one batch a call, and every fit gets a new model.
+    per_call = max(1, -(-len(x_train) // train_cfg.batch_size)) if one_device else 1
+    shape = (x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)
+    policy = keras.mixed_precision.global_policy().name
+    key = (*shape, train_cfg.learning_rate, train_cfg.label_smoothing, per_call, policy)
+    if one_device and key not in _TRAINERS:  # built before the seed is set: the fit's own draws start from it
+        _TRAINERS[key] = _Trainer(build_head(*shape), train_cfg, per_call)
+    keras.utils.set_random_seed(seed)
     keep = rows_for_replicas(len(x_train), train_cfg.batch_size, strategy.num_replicas_in_sync, seed)
     if len(keep) < len(x_train):
         x_train, y_train = x_train[keep], y_train[keep]
     with strategy.scope():
-        head = build_head(x_train.shape[1], n_classes, head_cfg.units, head_cfg.dropout_in, head_cfg.dropout_out)
-        # On one device, one call of the compiled step per epoch: these heads train in ~1 ms a batch, and
-        # Keras' own work around each call cost several times that (an epoch of 20 batches: 184 -> 122 ms with
-        # the validation call; the same numbers). Under several replicas Keras 3.15's multi-step loop fails on
-        # the distributed iterator, so there it stays one batch a call.
-        per_call = -(-len(x_train) // train_cfg.batch_size) if strategy.num_replicas_in_sync == 1 else 1
-        head.compile(
-            optimizer=keras.optimizers.Adam(train_cfg.learning_rate),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_cfg.label_smoothing),
-            metrics=["accuracy"],
-            steps_per_execution=max(1, per_call),
-        )
+        fresh = build_head(*shape)
+        if one_device:
+            head = _TRAINERS[key].reset(fresh)
+        else:
+            head = fresh
+            _compile(head, train_cfg, per_call)
     selection = []
     if fixed_epochs is None:
         selection = [
@@ -136,6 +184,9 @@ def fit_head(
         callbacks=[*selection, *callbacks],
         verbose=verbose,
     )
-    return head, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    if head is not fresh:  # the caller's own head: the kept one trains the next fit
+        fresh.set_weights(head.get_weights())
+        _compile(fresh, train_cfg, per_call)
+    return fresh, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
