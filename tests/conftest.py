@@ -34,7 +34,8 @@ def demo_project(tmp_path_factory):
     """
     from tests.projects import TINY_CASES, fresh_env, make_project, run
 
-    work = make_project(tmp_path_factory.mktemp("clone") / "fishpipe", git=True, **TINY_CASES)
+    work = make_project(tmp_path_factory.mktemp("clone") / "fishpipe", git=True,
+                        **{**TINY_CASES, "localise.processes": "auto"})
     log = run(["make", "repro"], work, fresh_env(work), timeout=1800)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-q", "-m", "make repro on the tiny demo"], work)

@@ -74,6 +74,9 @@ def tiny_params(root: Path, relative: bool = False, **overrides) -> dict:
         "localise.steps": 6,
         "localise.batch_size": 8,
         "localise.views": 2,
+        # 6 steps a fold take less than starting a fold process (~10 s); conftest's demo_project, the graph as
+        # `make repro` runs it, keeps the default (two fold processes on a CPU)
+        "localise.processes": 1,
         "crops.backbones": [],  # no crop models unless a test asks (tests.projects' tiny demo does)
         "crops.image_size": 32,
     }
