@@ -55,7 +55,7 @@ BENCH = {
                      "margin, resize) vs a plain `cv2.imread` + slice + `cv2.resize` loop",
     "head_epoch_speedup": "an epoch of the head as `fit_head` trains it (one compiled call an epoch, validation "
                           "by a compiled call of the model) vs Keras' plain loop (a call a batch, `predict` for "
-                          "validation); the same numbers",
+                          "validation; a new model, so a new trace, each fit); the same numbers",
     "localise_two_folds_speedup": "two localiser folds trained side by side, each in its own process "
                                   "(`localise.processes: auto` on CPUs) vs one after the other in one process; "
                                   "the same weights",
