@@ -109,6 +109,8 @@ def test_a_fit_on_the_kept_model_trains_the_head_a_first_fit_trains_and_returned
     heads._TRAINERS.clear()
     first, first_history = fit_head(x, y, xv, yv, 3, head_cfg, cfg, seed=1)
     kept = [w.copy() for w in first.get_weights()]
+    # The head comes back as trained, its optimizer's state too (a saved head reloads without a mismatch).
+    assert int(first.optimizer.iterations) == len(first_history["loss"]) * -(-200 // 32)
     fit_head(x[::-1] * 2, y, xv, yv, 3, head_cfg, cfg, seed=2)  # the kept model moves on: weights, optimizer
     fit_head(x, y, None, None, 3, head_cfg, cfg, seed=3, fixed_epochs=5)
     again, again_history = fit_head(x, y, xv, yv, 3, head_cfg, cfg, seed=1)

@@ -184,9 +184,13 @@ def fit_head(
         callbacks=[*selection, *callbacks],
         verbose=verbose,
     )
-    if head is not fresh:  # the caller's own head: the kept one trains the next fit
-        fresh.set_weights(head.get_weights())
+    if head is not fresh:  # the caller's own head, as trained: the kept one trains the next fit
         _compile(fresh, train_cfg, per_call)
+        fresh.optimizer.build(fresh.trainable_variables)
+        pairs = [*zip(fresh.variables, head.variables, strict=True),
+                 *zip(fresh.optimizer.variables, head.optimizer.variables, strict=True)]
+        for mine, trained in pairs:  # its optimizer's state too: a saved head reloads as it was saved
+            mine.assign(trained.value)
     return fresh, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
