@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.core.files import read_json, write_json
 
 # ingest first: its workers may fork only before TensorFlow loads
-MODULES = ("ingest", "crops", "train", "heads", "localise")
+MODULES = ("ingest", "crops", "train", "precision", "heads", "localise")
 OUT = Path("reports/bench.json")
 
 

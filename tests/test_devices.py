@@ -151,3 +151,25 @@ def test_two_workers_get_a_multi_worker_strategy_and_agree_before_they_branch():
         assert out["strategy"] == "MultiWorkerMirroredStrategy" and out["replicas"] == 2 and out["workers"] == 2
         assert out["chief"] == (i == 0)
         assert out["agree"] == [True, False, False]
+
+
+_CPUINFO = ("processor\t: {i}\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma {extra}\n"
+            "bugs\t\t: avx512_bf16\n\n")
+
+
+@pytest.mark.parametrize(("extra", "native"), [("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True),
+                                               ("avx512f avx512_vnni", False), ("", False)])
+def test_native_bfloat16_reads_the_cpus_flags(extra, native):
+    text = "".join(_CPUINFO.format(i=i, extra=extra) for i in range(2))
+    assert devices.native_bfloat16(text) is native  # a flag named on another line (bugs) does not count
+
+
+def test_dtype_policy_sets_the_policy_inside_and_puts_it_back(policy):
+    before = keras.mixed_precision.global_policy().name
+    with devices.dtype_policy("mixed_bfloat16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        layer = keras.layers.Dense(2)
+    assert keras.mixed_precision.global_policy().name == before
+    assert layer.compute_dtype == "bfloat16"
+    with devices.dtype_policy(None):
+        assert keras.mixed_precision.global_policy().name == before

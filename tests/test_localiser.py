@@ -329,8 +329,12 @@ def test_fold_processes_end_themselves_when_the_stage_is_killed():
     assert all(_gone(pid, within=15) for pid in children), "a fold process kept running after the stage died"
 
 
-def test_folds_train_two_at_once_on_cpus_and_one_at_a_time_on_a_gpu():
-    assert localise.fold_processes("auto", n_folds=5, cpus=2) == 2
+def test_folds_train_two_or_more_at_once_on_cpus_none_alone_at_the_end_and_one_at_a_time_on_a_gpu():
+    assert localise.fold_processes("auto", n_folds=5, cpus=2) == 3  # 3 + 2: no fold trains alone at the end
+    assert localise.fold_processes("auto", n_folds=4, cpus=2) == 2  # 2 + 2
+    assert localise.fold_processes("auto", n_folds=3, cpus=2) == 3
+    assert localise.fold_processes("auto", n_folds=7, cpus=16) == 4  # 4 + 3
+    assert localise.fold_processes("auto", n_folds=1, cpus=2) == 1
     assert localise.fold_processes("auto", n_folds=5, cpus=16, devices=1) == 1  # a GPU
     assert localise.fold_processes("auto", n_folds=5, cpus=1) == 1
     assert localise.fold_processes(8, n_folds=5, cpus=2) == 5  # never more processes than folds

@@ -19,6 +19,41 @@ def test_every_backbone_builds_with_random_weights(name):
     assert not any(w.trainable for w in extractor.weights), "the backbone must be frozen"
 
 
+def test_a_bfloat16_extractor_computes_in_bfloat16_and_gives_float32_features_close_to_float32s():
+    """`extract_precision`'s bfloat16: the same weights (same seed), bfloat16 convolutions, float32 features within
+    a few per cent of float32's, and Keras' global policy as it was."""
+    x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype("uint8")
+    keras.utils.set_random_seed(3)
+    plain = models.build_extractor("vgg16", 32, "none")
+    keras.utils.set_random_seed(3)
+    half = models.build_extractor("vgg16", 32, "none", precision="mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"
+    convs = [layer for layer in half.get_layer("vgg16").layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    for a, b in zip(plain.weights, half.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    f32, bf16 = np.asarray(plain(x)), np.asarray(half(x))
+    assert bf16.dtype == np.float32 and not np.array_equal(f32, bf16)
+    assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max()
+
+
+@pytest.mark.parametrize(("setting", "backbone", "gpus", "native", "policy", "expected"), [
+    ("auto", "vgg16", 0, True, "float32", "mixed_bfloat16"),     # a CPU with native bfloat16: the fast path
+    ("auto", "resnet50", 0, True, "float32", "mixed_bfloat16"),
+    ("auto", "xception", 0, True, "float32", "mixed_bfloat16"),
+    ("auto", "convnext_tiny", 0, True, "float32", None),         # no fast bfloat16 kernels for it: float32
+    ("auto", "vgg16", 0, False, "float32", None),                # emulated bfloat16 is slow: float32
+    ("auto", "vgg16", 1, True, "mixed_float16", None),           # a GPU: mixed_precision's float16 decides
+    ("auto", "vgg16", 1, True, "float32", None),                 # a GPU with mixed_precision off: float32
+    ("auto", "vgg16", 0, True, "mixed_float16", None),           # mixed_precision: on, asked for explicitly
+    ("bfloat16", "xception", 1, False, "float32", "mixed_bfloat16"),  # asked for: everywhere
+    ("float32", "vgg16", 0, True, "float32", "float32"),
+])
+def test_extraction_precision_is_bfloat16_only_where_it_pays_or_is_asked_for(setting, backbone, gpus, native,
+                                                                            policy, expected):
+    assert models.extraction_precision(setting, backbone, gpus, native, policy) == expected
+
+
 def test_unknown_backbone_lists_valid_ones():
     with pytest.raises(ValueError, match="valid backbones are .*resnet50.*vgg16"):
         models.get_backbone("vgg17")

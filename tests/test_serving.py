@@ -294,7 +294,9 @@ def test_served_model_reproduces_the_pipelines_own_test_predictions(tmp_path):
     from pipeline.stages import ensemble, train
     from tests.factories import synthetic_images, tiny_params
 
-    raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2})
+    # bfloat16 embeddings, as auto gives on a CPU that has it: the served extractor must compute in it too
+    raw = tiny_params(tmp_path, **{"augment.tta_views": 1, "cv.n_folds": 2, "train.epochs": 2,
+                                   "train.extract_precision": "bfloat16"})
     manifest = synthetic_images(tmp_path, raw, n_train=48, n_test=6)
     pixels = np.load(raw["paths"]["images"])
     settings = load(train.Settings, tmp_path / "params.yaml")

@@ -74,6 +74,41 @@ def configure_devices(mixed_precision: str = "auto") -> tf.distribute.Strategy:
 _STRATEGIES: dict[tuple, tf.distribute.Strategy] = {}
 
 
+#: CPU flags (Linux's /proc/cpuinfo names) of native bfloat16 arithmetic: AVX512-BF16 (AMD Zen 4, Intel Cooper
+#: Lake and later) and AMX (Intel Sapphire Rapids and later). Without them TensorFlow emulates bfloat16, slowly.
+BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (`cpuinfo`: the text of /proc/cpuinfo, read when None; a
+    machine without that file, macOS for one, counts as not)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    lines = (line.split(":", 1)[-1] for line in cpuinfo.splitlines() if line.startswith("flags"))
+    flags = {flag for line in lines for flag in line.split()}
+    return bool(flags & BFLOAT16_FLAGS)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str | None):
+    """Keras' global dtype policy set to `name` (e.g. `mixed_bfloat16`) for the models built inside, and put back
+    after; None leaves it as it is. A layer keeps the policy it was built under."""
+    import keras
+
+    if name is None:
+        yield
+        return
+    saved = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved)
+
+
 def _shared(kind: type, devices: tuple[str, ...] | None = None) -> tf.distribute.Strategy:
     """One strategy of each kind (and device set) per process. A second MirroredStrategy in the same process
     (a notebook calling several stages' `main`) reuses the first one's collective keys, and its all-reduce

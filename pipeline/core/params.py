@@ -187,6 +187,7 @@ class Train:
     label_smoothing: float
     mixed_precision: Literal["auto", "on", "off"]
     extract_batch_size: int
+    extract_precision: Literal["auto", "float32", "bfloat16"]  # the frozen extractor's compute (embeddings)
     fine_tune: FineTune
 
 

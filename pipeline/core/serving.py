@@ -23,7 +23,7 @@ instead of predicting garbage. `extractors="file"` logs the extractors as `.kera
 (self-contained, tens of MB per backbone; automatic for a weights file path).
 
 Inputs, written by the train and ensemble stages:
-`<predictions>/<backbone>/extractor.json` ({backbone, image_size, weights, pooling, seed, fine_tuned}),
+`<predictions>/<backbone>/extractor.json` ({backbone, image_size, weights, pooling, precision, seed, fine_tuned}),
 `<predictions>/<backbone>/models/head_fold<k>.keras` (`classifier_fold<k>.keras` when fine-tuned), and the
 ensemble report (`paths.ensemble_report`: `models`, `fitted` (the chosen candidate's `Fitted`), `chosen`,
 and `prior` with `train_shares` / `target_shares`).
@@ -300,7 +300,8 @@ def build_seeded_extractor(entry: Mapping[str, Any]) -> Any:
     from pipeline.core.backbones import build_extractor
 
     keras.utils.set_random_seed(int(entry["seed"]))
-    return build_extractor(entry["backbone"], int(entry["image_size"]), entry["weights"], entry["pooling"])
+    return build_extractor(entry["backbone"], int(entry["image_size"]), entry["weights"], entry["pooling"],
+                           entry.get("precision"))  # recorded since extract_precision; before, the global policy
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -347,6 +348,7 @@ def ensemble_settings(
             raise ServingError(f"no {what} in {folder / 'models'} ({found}, written by train)")
         entries.append({
             **{k: ext[k] for k in ("backbone", "image_size", "weights", "pooling", "seed")},
+            **({"precision": ext["precision"]} if "precision" in ext else {}),
             "name": bb,
             "input": ext.get("input", "frames"),
             **({"crop": ext["crop"]} if ext.get("input") == "crops" else {}),

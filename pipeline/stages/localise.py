@@ -152,13 +152,18 @@ def plot_boxes(frames: list[tuple[str, np.ndarray, Detection, np.ndarray]], titl
 def fold_processes(setting: int | str, n_folds: int, cpus: int, devices: int = 0) -> int:
     """How many folds train at once (`localise.processes`), each in its own process.
 
-    auto: 2 on a CPU of two cores or more. One fold's training leaves much of two cores idle: a step of 32 crops
-    is a few dozen small convolutions that two threads do not split well (29 ms a step on two threads, 37 ms on
-    one), and between steps the process builds the next batch and waits on Python; a second fold fills those
-    gaps (bench/localise.py). 1 where the strategy has GPUs or several replicas (`devices`): there one fold
-    fills the devices, and a process of its own would take them over again."""
+    auto on a CPU of two cores or more: at least 2, and as many as it takes for the last folds to train two or
+    more at a time too (5 folds: 3, as 3 + 2; not 2, as 2 + 2 + 1). One fold's training leaves much of two cores
+    idle: a step of 32 crops is a few dozen small convolutions that two threads do not split well (29 ms a step
+    on two threads, 37 ms on one), and between steps the process builds the next batch and waits on Python; a
+    second fold fills those gaps (bench/localise.py), and a third adds nothing while it runs (29.8 against 29.7
+    steps/s on two cores) but keeps the end busy: a fold left to train alone runs at ~27 steps/s where two give
+    ~32. 1 where the strategy has GPUs or several replicas (`devices`): there one fold fills the devices, and a
+    process of its own would take them over again."""
     if setting == "auto":
-        return 1 if devices or cpus < 2 else min(2, n_folds)
+        if devices or cpus < 2 or n_folds < 2:
+            return 1
+        return next(p for p in range(2, n_folds + 1) if n_folds % p == 0 or n_folds % p >= 2)
     if setting < 1:
         raise ConfigError(f"localise.processes: expected auto or at least 1, got {setting}")
     return min(setting, n_folds)

@@ -44,6 +44,7 @@ from pipeline.core.backbones import (
     build_classifier,
     build_extractor,
     extract_features,
+    extraction_precision,
     unfreeze_top,
     validate_model_settings,
 )
@@ -54,6 +55,7 @@ from pipeline.core.devices import (
     device_summary,
     discard_scratch,
     everyone,
+    native_bfloat16,
     replicas,
     scratch_dir,
     task,
@@ -173,10 +175,11 @@ def split_data(s: Settings, manifest: pd.DataFrame) -> Split:
 # --------------------------------------------------------------------------------------------- embeddings
 
 
-def extractor_settings(clf: Classifier, s: Settings) -> dict:
-    """How to rebuild the frozen extractor, and what it looks at (serving reads both from extractor.json)."""
+def extractor_settings(clf: Classifier, s: Settings, precision: str) -> dict:
+    """How to rebuild the frozen extractor, and what it looks at (serving reads both from extractor.json).
+    `precision`: the dtype policy it computes the embeddings in (`backbones.extraction_precision`)."""
     ext = {"backbone": clf.backbone, "image_size": clf.image_size, "weights": s.model.weights,
-           "pooling": s.model.pooling, "seed": s.seed, "input": clf.input}
+           "pooling": s.model.pooling, "precision": precision, "seed": s.seed, "input": clf.input}
     if isinstance(s, CropSettings):
         ext["crop"] = {"margin": s.crops.margin, "min_side": s.crops.min_side, "boxes": s.crops.boxes}
     return ext
@@ -191,7 +194,7 @@ def view_rows(n_views: int, tta_views: int, is_train: np.ndarray) -> list[np.nda
 def compute_embeddings(views: np.ndarray, rows: list[np.ndarray], ext: dict, batch_size: int) -> np.ndarray:
     """Pass every stored view once through the frozen extractor: (V, N, D) float32, zeros where no view."""
     keras.utils.set_random_seed(ext["seed"])  # random-init demo weights are a function of the seed
-    extractor = build_extractor(ext["backbone"], ext["image_size"], ext["weights"], ext["pooling"])
+    extractor = build_extractor(ext["backbone"], ext["image_size"], ext["weights"], ext["pooling"], ext["precision"])
     feats = np.zeros((views.shape[0], views.shape[1], extractor.output_shape[-1]), dtype=np.float32)
     with tqdm(total=sum(len(r) for r in rows), desc=f"embed {ext['backbone']}", unit="img", mininterval=2) as bar:
         for v, idx in enumerate(rows):
@@ -329,6 +332,7 @@ def fine_tune_fold(head: keras.Model, ext: dict, inputs: FineTuneInputs, data: S
     fit_pos, val_pos = data.fold(k)
     fit_rows, val_rows = data.train_rows[fit_pos], data.train_rows[val_pos]
     keras.utils.set_random_seed(s.seed + k)
+    # Under the global policy (train.mixed_precision), not the embeddings' extract_precision: this one trains.
     extractor = build_extractor(ext["backbone"], ext["image_size"], ext["weights"], ext["pooling"])
     model = build_classifier(extractor, head)
     unfreeze_top(extractor, ext["backbone"], ft.unfreeze_blocks)
@@ -595,8 +599,13 @@ def run(backbone: str, s: Settings) -> dict:
 
 
 def _run_in_scope(clf: Classifier, s: Settings) -> dict:
+    import tensorflow as tf
+
     data = split_data(s, read_manifest(s.paths.manifest))
-    ext = extractor_settings(clf, s)
+    policy = keras.mixed_precision.global_policy().name
+    precision = extraction_precision(s.train.extract_precision, clf.backbone,
+                                     len(tf.config.list_physical_devices("GPU")), native_bfloat16(), policy)
+    ext = extractor_settings(clf, s, precision or policy)
     n_views = np.load(clf.views, mmap_mode="r").shape[0]
     is_train = (data.manifest["split"] == "train").to_numpy()
     feats, embeddings = load_or_compute_embeddings(Path(s.paths.embeddings) / f"{clf.name}.npz", clf.views,
