@@ -7,6 +7,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): on two cores about half the suite waits on one thread (imports, DVC, subprocesses);
+# 1 runs it in one process. tests/conftest.py keeps the tests of one expensive fixture on one worker.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 # `make team-server HOST=0.0.0.0 PORT=5001`: set on the command line only (`:=`), so a shell's own HOST
 # variable (zsh sets one to the machine's name) never opens the server to the network.
 HOST := 127.0.0.1
@@ -42,11 +46,11 @@ postgres:
 	  || echo "note: PostgreSQL not installed; the team-server test will be skipped"; }
 
 test: venv browser postgres
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## The suite without the tests marked slow (whole DVC graphs, multi-device, fine-tuning, resume and browser runs).
 test-fast: venv
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) -m bench

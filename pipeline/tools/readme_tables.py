@@ -59,6 +59,9 @@ BENCH = {
     "localise_two_folds_speedup": "two localiser folds trained side by side, each in its own process "
                                   "(`localise.processes: auto` on CPUs) vs one after the other in one process; "
                                   "the same weights",
+    **{f"bf16_extract_speedup_{name}": f"{NAMES[name]} embeddings in bfloat16 vs float32 through the train "
+                                       "stage's path, on a CPU with native bfloat16 (`train.extract_precision: "
+                                       "auto`); the same weights" for name in ("vgg16", "resnet50", "xception")},
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 
