@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist): on two cores about half the suite waits on one thread (imports, DVC, subprocesses);
-# 1 runs it in one process. tests/conftest.py keeps the tests of one expensive fixture on one worker.
+# 1 runs it in one process. tests/scheduling.py keeps the tests of one expensive fixture on one worker.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+XDIST = $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 # `make team-server HOST=0.0.0.0 PORT=5001`: set on the command line only (`:=`), so a shell's own HOST
 # variable (zsh sets one to the machine's name) never opens the server to the network.
 HOST := 127.0.0.1

@@ -1,10 +1,10 @@
 """Shared test set-up: no test touches the network, the repository's MLflow store or the user's Keras cache."""
 
-import inspect
 import os
-from pathlib import Path
 
 import pytest
+
+from tests import scheduling
 
 # Quiet TensorFlow's start-up chatter and keep it off any GPU a developer may have.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,34 +44,11 @@ def demo_project(tmp_path_factory):
     return work, log
 
 
-# ------------------------------------------------------------------------------------ two workers (pytest-xdist)
-# `make test` runs the suite on two workers (`-n 2 --dist loadgroup`): on two cores about half of it waits on one
-# thread (Python and TensorFlow imports, DVC, subprocesses), which a second worker fills. Tests that share an
-# expensive fixture run on one worker, where it was built once: a session fixture's (demo_project: a whole
-# `make repro`) or a module fixture's (a server, a generated demo). The longest work goes out first, so neither
-# worker is left with it at the end.
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: two workers (`make test`)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """tests/scheduling.py keeps the tests of one expensive fixture on one worker."""
+    return scheduling.make_scheduler(config, log)
 
 
-def _shared_fixture(item: pytest.Item) -> str | None:
-    """The group of tests `item` must run with: the session fixture of ours it uses (autouse ones aside), else its
-    module when it uses a module fixture of ours, else none (pytest's own, tmp_path_factory for one, are cheap)."""
-    here = Path(__file__).parent
-    scopes = {name: defs[-1].scope for name, defs in item._fixtureinfo.name2fixturedefs.items()
-              if defs and Path(inspect.getsourcefile(defs[-1].func)).resolve().is_relative_to(here)}
-    session = sorted(n for n, scope in scopes.items() if scope == "session" and not n.startswith("_"))
-    if session:
-        return session[0]
-    if any(scope in ("module", "package") for scope in scopes.values()):
-        return item.module.__name__
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups = {}
-    for item in items:
-        group = groups[item.nodeid] = _shared_fixture(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    # demo_project's tests first (a whole graph, then its reruns: the longest chain), then the other slow ones
-    items.sort(key=lambda item: (groups[item.nodeid] != "demo_project", item.get_closest_marker("slow") is None))
+    scheduling.longest_first(items)

@@ -1,7 +1,7 @@
 """The whole graph through DVC on a tiny demo, in a clone of the project: what a competitor does after cloning.
 
-`make repro` from a fresh shell (no activated venv) builds the shared `demo_project` (conftest.py); a Kaggle-style
-download goes through `.venv/bin/dvc repro`. They check the wiring a unit test cannot: every stage's command,
+`make repro` from a fresh shell (no activated venv) builds the shared `demo_project` (conftest.py); the Kaggle-style
+download's run is in tests/test_kaggle_smoke.py. They check the wiring a unit test cannot: every stage's command,
 deps and outs in dvc.yaml, the params each reads, a log free of TensorFlow's native noise, a second run with
 nothing to do, and DVC outputs that are the same bytes when a stage runs again.
 """
@@ -15,37 +15,14 @@ import yaml
 
 from pipeline.core.competition import FISH_CLASSES, STAGE2_PREFIX, SUBMISSION_HEADER
 from pipeline.core.files import read_json
-from tests.downloads import make_download
-from tests.projects import fresh_env, make_project, run
+from tests.projects import fresh_env, run
 
 pytestmark = pytest.mark.slow
-
-
-def repro(work, *targets):
-    return run([".venv/bin/dvc", "repro", *targets], work, fresh_env(work))
 
 
 @pytest.fixture(scope="module")
 def project(demo_project):
     return demo_project[0]
-
-
-def test_kaggle_download_with_bad_files_goes_on_to_valid_submissions(tmp_path):
-    """A Kaggle-style download (real zip and 7z, planted bad files and zip-slip entries) through dvc repro."""
-    work = tmp_path / "kaggle_project"
-    download = make_download(work)
-    make_project(work, **{"data.source": "kaggle", "model.backbones": ["vgg16"], "cv.n_folds": 2})
-    repro(work, "score")
-    report = read_json(work / "reports/ingest_report.json")
-    assert len(report["quarantine"]) == len(download.bad)
-    assert {q["id"] for q in report["quarantine"]} == set(download.bad)
-    for stage in ("stg1", "stg2"):
-        sub = pd.read_csv(work / f"reports/submission_{stage}.csv")
-        sample = pd.read_csv(work / f"data/interim/sample_submission_{stage}.csv")
-        assert tuple(sub.columns) == SUBMISSION_HEADER and sorted(sub["image"]) == sorted(sample["image"])
-        np.testing.assert_allclose(sub[list(FISH_CLASSES)].sum(1), 1, atol=1e-6)
-    for name in download.evil_names:
-        assert not list(tmp_path.parent.rglob(name)), f"{name} escaped its archive"
 
 
 def test_submissions_hold_exactly_the_sample_rows(project):

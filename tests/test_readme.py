@@ -28,7 +28,8 @@ README = ROOT / "README.md"
 ELSEWHERE: dict[str, str] = {
     "make repro": "conftest.py::demo_project runs it in a fresh shell; the smoke tests check what it wrote",
     "make test": "CI runs it on a clean clone (.ci/run); a test cannot run the suite it belongs to",
-    ".venv/bin/dvc repro": "test_pipeline_smoke.py runs it from a fresh shell (the Kaggle download, the reruns)",
+    ".venv/bin/dvc repro": "test_kaggle_smoke.py (the Kaggle download) and test_pipeline_smoke.py (the reruns) run it "
+    "from a fresh shell",
     "make test-fast": "the same suite without the slow tests; CI runs the whole of it",
     "make download": "test_ingest.py::test_download_without_credentials_says_what_to_do runs the same program "
     "(it needs a Kaggle account to do more)",
