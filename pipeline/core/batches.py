@@ -7,7 +7,6 @@ worker processes that draw batches start in a fraction of the time and memory; t
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from pipeline.core.augmentation import draw_in_worker, draw_rows, start_worker
 from pipeline.core.devices import rows_for_replicas
+from pipeline.core.pools import spawn_pool
 
 
 class AugmentedBatches(keras.utils.PyDataset):
@@ -27,8 +27,8 @@ class AugmentedBatches(keras.utils.PyDataset):
 
     Who draws: `processes=0`, `workers` threads of this process. Augmentation holds Python's lock for much
     of its time, so threads stop helping at two or three (bench.gpu). `processes=N` (N > 0, needs a
-    memory-mapped `images`): N worker processes, started with `spawn` (forking a process that runs
-    TensorFlow can deadlock) on the first batch and stopped by `close()`; each opens the cache itself, and
+    memory-mapped `images`): N worker processes (`pools.spawn_pool`: spawned, and ending themselves if this
+    process dies) started on the first batch and stopped by `close()`; each opens the cache itself, and
     `workers` threads keep them all busy.
 
     With `replicas` > 1 (a `tf.distribute` strategy's `num_replicas_in_sync`) the last batch of an epoch is
@@ -71,9 +71,7 @@ class AugmentedBatches(keras.utils.PyDataset):
     def _process_pool(self) -> ProcessPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"),
-                                                 initializer=start_worker,
-                                                 initargs=(str(self.images.filename), self.policy))
+                self._pool = spawn_pool(self.processes, start_worker, (str(self.images.filename), self.policy))
             return self._pool
 
     def on_epoch_end(self) -> None:

@@ -17,10 +17,8 @@ fish-bearing images at IoU >= 0.5, the same on each test stage against the true 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +57,7 @@ from pipeline.core.params import (
     load,
     stage_parser,
 )
+from pipeline.core.pools import spawn_pool
 
 #: One box per manifest row: where the crop stage cuts, in original-frame pixels.
 COLUMNS = ("id", "split", "x", "y", "width", "height", "confidence", "fold")
@@ -182,22 +181,12 @@ class FoldJob:
 _SHARED: dict = {}  # a fold process's frames, boxes and settings, sent once when it starts
 
 
-def _start_fold_process(frames: np.ndarray, boxes: list[np.ndarray], s: Settings, precision: str,
-                        parent: int) -> None:
+def _start_fold_process(frames: np.ndarray, boxes: list[np.ndarray], s: Settings, precision: str) -> None:
     """A fold process sets TensorFlow up as `run` did in the stage's own process (deterministic ops, the same
-    precision policy), so it trains the net that process would have. It ends itself if that process dies
-    without shutting it down (killed, or a `timeout`): else it would wait for work forever, holding its memory."""
-    import threading
-
+    precision policy), so it trains the net that process would have. (`spawn_pool` ends it if the stage's
+    process dies without shutting it down.)"""
     import keras
     import tensorflow as tf
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(precision)
@@ -229,9 +218,8 @@ def trained_folds(jobs: list[FoldJob], frames: np.ndarray, boxes: list[np.ndarra
         return
     import keras
 
-    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_start_fold_process,
-                             initargs=(frames, boxes, s, keras.mixed_precision.global_policy().name,
-                                       os.getpid())) as pool:
+    with spawn_pool(processes, _start_fold_process,
+                    (frames, boxes, s, keras.mixed_precision.global_policy().name)) as pool:
         futures = [pool.submit(_train_fold_in_process, job) for job in jobs]
         try:
             for future in futures:

@@ -628,6 +628,7 @@ def _run_in_scope(clf: Classifier, s: Settings) -> dict:
         if "stg2_logloss" in mine and "cv_logloss_unpeeked" in report:
             mine["gap_stg2_minus_unpeeked_cv"] = mine["stg2_logloss"] - report["cv_logloss_unpeeked"]
         report["devices"] = device_summary()
+        report["extract_precision"] = ext["precision"]  # the embeddings' (train.extract_precision)
         write_outputs(clf.name, s, data, cv, report, ext, ckpt)
         ckpt.prune()
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
@@ -664,6 +665,8 @@ def summary_line(report: dict) -> str:
         parts.append("| stage-2 gap " + ", ".join(f"{k} folds {v:+.3f}" for k, v in gaps.items()))
     d = report["devices"]
     parts.append(f"| {d['strategy']} x{d['replicas']}, {d['precision_policy']}")
+    if report.get("extract_precision", d["precision_policy"]) != d["precision_policy"]:
+        parts.append(f"(embeddings {report['extract_precision']})")
     return " ".join(parts)
 
 
