@@ -1,7 +1,7 @@
 """Benchmark: two localiser folds trained at once, each in its own process, against one after the other here.
 
-The localise stage trains its fold nets `localise.processes` at a time (auto: 2 on CPUs). One fold leaves much of
-two cores idle: a step of 32 crops is a few dozen small convolutions that two threads do not split well, and
+The localise stage trains its fold nets `localise.processes` at a time (auto on CPUs: 2 or more). One fold leaves
+much of two cores idle: a step of 32 crops is a few dozen small convolutions that two threads do not split well, and
 between steps the process builds the next batch and waits on Python. The figure is the two folds' training time
 one after the other in this process over their time side by side in two spawned processes (each the same
 configured net, batch and threads; the weights are the same either way, tests/test_localiser.py checks it).

@@ -1,5 +1,6 @@
 """`train.extract_precision`'s claim (issue 13's time budget): on a CPU with native bfloat16, the frozen extractors
-that `Backbone.cpu_bfloat16` marks embed faster in bfloat16 than in float32 (ConvNeXt, unmarked, does not: 0.65x).
+that `Backbone.cpu_bfloat16` marks embed faster in bfloat16 than in float32 (ConvNeXt, marked False, measured
+0.65x in a one-off run).
 
 - `bf16_extract_speedup_<backbone>`: images/s of `extract_features` (the train stage's embedding path) under
   `mixed_bfloat16` vs under float32, same extractor weights, same images, each after an untimed warm-up, the
@@ -15,7 +16,7 @@ import keras
 import numpy as np
 
 from pipeline.core import params as config
-from pipeline.core.backbones import build_extractor, extract_features, get_backbone
+from pipeline.core.backbones import build_extractor, extract_features, extraction_precision
 from pipeline.core.devices import native_bfloat16
 
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -47,7 +48,7 @@ def run(quick: bool = False) -> list[dict]:
     for name in names:
         rates = _rates(name, size, images)
         f32, bf16 = rates["float32"], rates["mixed_bfloat16"]
-        auto = "bfloat16" if native and get_backbone(name).cpu_bfloat16 else "float32"
+        auto = extraction_precision("auto", name, gpus=0, native_bfloat16=native, policy="float32") or "float32"
         rows.append({"key": f"bf16_extract_speedup_{name}", "value": bf16 / f32, "target": "", "unit": "x",
                      "note": f"{name} {size}px, {len(images)} images: {bf16:.1f} vs {f32:.1f} images/s; this CPU "
                              f"{'has' if native else 'emulates'} bfloat16, auto picks {auto}"})
